@@ -1,0 +1,3 @@
+"""fedtext: federated learning of character-level text generators."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from fedtext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""`fedtext` command line: argparse subcommands, one line per flag.
+
+Each area registers its own subcommands (fedtext/commands/*.py). A user mistake raises
+FedtextError, which is printed here as one line, with exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fedtext.errors import FedtextError
+
+# Modules under fedtext/commands that provide register(subparsers); imported only if present.
+COMMAND_MODULES = ["data", "model", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedtext import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fedtext",
+        description="Federated learning of character-level text generators (federated Shakespeare).",
+    )
+    parser.add_argument("--version", action="version", version=f"fedtext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"fedtext.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"fedtext.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FedtextError as e:
+        print(f"fedtext: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtext: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
