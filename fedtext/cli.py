@@ -13,7 +13,7 @@ import sys
 from fedtext.errors import FedtextError
 
 # Modules under fedtext/commands that provide register(subparsers); imported only if present.
-COMMAND_MODULES = ["data", "model", "train"]
+COMMAND_MODULES = ["data", "checkpoint", "model", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
