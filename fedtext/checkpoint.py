@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedtext.errors import FedtextError
 from fedtext.model import CharRNN, ModelConfig
@@ -81,9 +81,11 @@ def save_checkpoint(path, model: CharRNN, provenance: dict | None = None,
                for k, v in model.state_dict().items()}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _sibling(path, "tmp")
+    tmp.mkdir()  # not mkdtemp: that makes it 0700, and a checkpoint should be shareable
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # save() to bytes, then write: save_file() creates the file 0600, not per umask.
+        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str) + "\n",
                                        encoding="utf-8")
         _swap_in(tmp, path)
@@ -114,14 +116,19 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.replace(path, old)  # `old` is an empty dir, so rename may replace it
+    old = _sibling(path, "old")
+    os.replace(path, old)
     try:
         os.replace(tmp, path)
     except BaseException:
         os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A fresh hidden name beside `path` (same filesystem, so renames are atomic)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
 
 
 def _checkpoint_dir(path) -> Path:
