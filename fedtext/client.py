@@ -1,0 +1,205 @@
+"""Client work: local training on one client's batches, the one implementation every backend
+calls (sequential, Ray workers, the Flower ClientApp).
+
+    client_update(global_params, client_data, config, seed) -> ClientResult(delta, weight, metrics)
+
+is pure and top-level (so it pickles): it reads `global_params`, never writes them, and returns
+`delta = global - local` (FedJAX / TFF `model_delta_client_work`), the pseudo-gradient that
+the aggregator averages and the server optimizer steps on.
+
+Speed: each process (and thread) keeps one model per (ModelConfig, precision, device) and copies
+the global params into it, so a client costs the same as plain training on its batches, plus
+two parameter-sized copies (in, and delta out).
+
+Metrics follow TFF's `client_work` definitions and are kept as *sums*, so that totals over
+clients are exact (sum of sums, never a mean of means). Each batch contributes the loss and
+accuracy of the forward pass whose gradient takes its step ("pre-step"):
+
+    loss_sum        sum over counted targets of the cross-entropy
+    correct         counted targets where argmax(logits) == target
+    count           counted targets ("tokens", the default client weight)
+    num_examples    sequences with at least one counted target (TFF's NUM_EXAMPLES)
+    num_batches     optimizer steps taken
+    batch_loss_sum  sum over batches of (batch-mean loss * sequences in the batch); TFF reports
+                    batch_loss_sum / num_examples as its round loss
+
+`summarize(sums)` adds the means: loss = loss_sum / count, accuracy = correct / count and
+tff_loss = batch_loss_sum / num_examples (equal to loss when every batch is full).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from fedtext.batching import Batch
+from fedtext.errors import FedtextError
+from fedtext.model import CharRNN, ModelConfig, token_stats
+from fedtext.params import Params
+
+# A client's data: the same batches every epoch, or a picklable callable (epoch, seed) ->
+# batches (e.g. functools.partial of a top-level function that reshuffles per epoch).
+ClientData = Sequence[Batch] | Callable[[int, int], Iterable[Batch]]
+
+CLIENT_OPTIMIZERS = ("sgd", "adam", "adagrad")
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64, "bf16-mixed": torch.float32}
+METRIC_SUMS = ("loss_sum", "correct", "count", "num_examples", "num_batches", "batch_loss_sum")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture of the global model
+    local_epochs: int = 1  # passes over the client's batches per round (the tutorial: 1)
+    max_batches: int | None = None  # batches per epoch; the tutorial's .take(5) is 5
+    optimizer: str = "sgd"  # "sgd", "adam" or "adagrad" (fresh state every round, as in TFF)
+    lr: float = 0.5  # the tutorial's client SGD learning rate
+    momentum: float = 0.0  # sgd only; the tutorial uses none
+    mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to the loss; 0 is plain FedAvg
+    precision: str = "float32"  # "float32", "float64", or "bf16-mixed" (autocast, fp32 weights)
+    device: str = "cpu"  # where local training runs; deltas come back on the params' device
+
+    def __post_init__(self):
+        if self.optimizer not in CLIENT_OPTIMIZERS:
+            raise FedtextError(f"client optimizer must be one of {CLIENT_OPTIMIZERS}, "
+                               f"got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise FedtextError(f"precision must be one of {tuple(PRECISIONS)}, "
+                               f"got {self.precision!r}")
+        if self.local_epochs < 1:
+            raise FedtextError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise FedtextError(f"max_batches must be >= 1 or None, got {self.max_batches}")
+        if not self.lr > 0 or self.mu < 0:
+            raise FedtextError(f"need lr > 0 and mu >= 0, got lr={self.lr}, mu={self.mu}")
+        if self.momentum and (self.optimizer != "sgd" or not 0 <= self.momentum < 1):
+            raise FedtextError("momentum must be in [0, 1) and needs optimizer='sgd'")
+
+
+class ClientResult(NamedTuple):
+    delta: Params  # global - local, on the device and in the dtype of global_params
+    weight: float  # counted targets; fed_avg re-weights with its `weighting`
+    metrics: dict  # the METRIC_SUMS (see the module docstring)
+
+
+# ---- one model per (thread, config): no deep copy per client ----------------------------------
+
+_local = threading.local()
+
+
+def cached_model(config: ModelConfig, precision: str = "float32",
+                 device: str = "cpu") -> CharRNN:
+    """This thread's reusable CharRNN for `config` (its weights are whatever was loaded last)."""
+    cache = _local.__dict__.setdefault("models", {})
+    key = (config, precision, device)
+    if key not in cache:
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+            cache[key] = CharRNN(config).to(device=device, dtype=PRECISIONS[precision])
+    return cache[key]
+
+
+def load_params(model: torch.nn.Module, params: Params) -> list[torch.Tensor]:
+    """Copy `params` into `model` in place; returns the model's parameters in `params`' order."""
+    named = dict(model.named_parameters())
+    if named.keys() != params.keys():
+        missing, extra = sorted(named.keys() - params.keys()), sorted(params.keys() - named)
+        raise FedtextError(f"params do not fit the model: missing {missing}, unexpected {extra}")
+    mine = [named[k] for k in params]
+    with torch.no_grad():
+        torch._foreach_copy_(mine, list(params.values()))  # casts dtype / moves device as needed
+    return mine
+
+
+def _optimizer(weights: list[torch.Tensor], cfg: ClientConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":  # w -= lr * (momentum buffer or grad): Keras/TFF SGD exactly
+        return torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":  # Keras / TFF defaults for epsilon
+        return torch.optim.Adam(weights, lr=cfg.lr, eps=1e-7)
+    return torch.optim.Adagrad(weights, lr=cfg.lr, initial_accumulator_value=0.1, eps=1e-7)
+
+
+def epoch_batches(client_data: ClientData, epoch: int, seed: int,
+                  max_batches: int | None = None) -> Iterable[Batch]:
+    """The batches of one local epoch, capped at `max_batches`."""
+    batches = client_data(epoch, seed) if callable(client_data) else client_data
+    return itertools.islice(batches, max_batches)
+
+
+def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss with its graph, the batch's METRIC_SUMS as a float64 (6,) tensor)."""
+    loss_sum, correct, count = token_stats(logits, batch.y, batch.mask)
+    loss = loss_sum / count.clamp(min=1)  # exactly CharRNN.forward's loss
+    examples = batch.mask.any(dim=1).sum()  # sequences with >= 1 counted target
+    with torch.no_grad():
+        sums = torch.stack([loss_sum, correct, count, examples.to(count.dtype),
+                            torch.ones_like(count), loss * examples])
+    return loss, sums.double()
+
+
+def summarize(sums: dict) -> dict:
+    """METRIC_SUMS -> the same dict plus loss, accuracy and tff_loss (NaN where undefined)."""
+    count, n = sums["count"], sums["num_examples"]
+    nan = float("nan")
+    return {**sums,
+            "loss": sums["loss_sum"] / count if count else nan,
+            "accuracy": sums["correct"] / count if count else nan,
+            "tff_loss": sums["batch_loss_sum"] / n if n else nan}
+
+
+def _to_dict(totals: torch.Tensor) -> dict:
+    vals = totals.tolist()  # the one host sync of the client
+    out = dict(zip(METRIC_SUMS, vals))
+    for k in ("correct", "count", "num_examples", "num_batches"):
+        out[k] = int(round(out[k]))
+    return out
+
+
+def client_update(global_params: Params, client_data: ClientData, config: ClientConfig,
+                  seed: int) -> ClientResult:
+    """Train a copy of the global model on one client's data; return its delta and metrics.
+
+    Args:
+        global_params: the broadcast global model (state_dict of a CharRNN(config.model)).
+        client_data: a sequence of Batch, or a callable (epoch, seed) -> iterable of Batch.
+        config: local training hyperparameters.
+        seed: this client's seed (fedtext.sampling.client_seed); only used by a callable
+            client_data (training itself has no randomness).
+
+    Returns:
+        ClientResult(delta = global - local, weight = counted targets, metrics = summarize(sums)).
+    """
+    dev = torch.device(config.device)
+    model = cached_model(config.model, config.precision, config.device)
+    weights = load_params(model, global_params)
+    start = [w.detach().clone() for w in weights] if config.mu else None  # FedProx anchor
+    opt = _optimizer(weights, config)
+    mixed = config.precision == "bf16-mixed"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if mixed else nullcontext()
+    totals = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=dev)
+    model.train()
+    for epoch in range(config.local_epochs):
+        for batch in epoch_batches(client_data, epoch, seed, config.max_batches):
+            batch = Batch(*(t.to(dev, non_blocking=True) for t in batch))
+            with autocast:
+                logits, _ = model(batch.x)  # (B, T, V)
+            if mixed:  # loss and counts in fp32: a bf16 mask sum miscounts past 256 tokens
+                logits = logits.float()
+            loss, sums = batch_sums(logits, batch)
+            opt.zero_grad()
+            loss.backward()
+            if config.mu:  # grad of mu/2 ||w - w0||^2 is mu (w - w0): add it, skip the graph
+                grads = [w.grad for w in weights]
+                torch._foreach_add_(grads, torch._foreach_sub(weights, start), alpha=config.mu)
+            opt.step()
+            totals += sums
+    metrics = summarize(_to_dict(totals))
+    # delta = global - local, as fresh tensors (the model is reused by the next client).
+    g = list(global_params.values())
+    local = [w.detach().to(t.device, t.dtype) for w, t in zip(weights, g)]
+    delta = dict(zip(global_params, torch._foreach_sub(g, local)))
+    return ClientResult(delta, float(metrics["count"]), metrics)
