@@ -1,15 +1,48 @@
-"""GRU recurrences: the time loop of fedtext.model.GRU.
+"""GRU recurrences: the time loop of fedtext.model.GRU, and why it is fast.
 
-recurrence(xp, h0, w_hh, b_hh, reset_after) takes the input projections xp (T, B, 3H) (already
-holding b_ih) and returns all hidden states (T, B, H). Gate order is torch's [r|z|n].
+`recurrence(xp, h0, w_hh, b_hh, reset_after)` takes the input projections xp (T, B, 3H), which
+already hold b_ih (fedtext.model folds Embedding and W_ih into one (V, 3H) lookup table), and
+returns all hidden states hs (T, B, H). Gate order is torch's [r|z|n]:
 
-  reset_after=True (torch.nn.GRU):   n = tanh(x_n + r * (W_hn h + b_hn))
-  reset_after=False (TF1-era Keras): n = tanh(x_n + (r * h) W_hn^T)
+    reset_after=True (torch.nn.GRU, current Keras):  n = tanh(x_n + r * (h W_hn^T + b_hn))
+    reset_after=False (the TF1-era Keras GRU):       n = tanh(x_n + (r * h) W_hn^T)
+    r = sigmoid(x_r + h W_hr^T [+ b_hr]);  z = sigmoid(x_z + h W_hz^T [+ b_hz])
+    h' = (1 - z) * n + z * h
+
+Three implementations give the same numbers (tests/test_gru.py holds them to nn.GRU):
+- "reference": the equations above step by step under autograd. Slow; the ground truth.
+- "torch": a custom autograd Function. The time loop does only what must be sequential (the
+  recurrent matmul and the gates, forward; the gate gradients and dh @ W_hh, backward); every
+  weight gradient is one large matmul after the loop (dW_hh = dG^T @ H over all T*B rows), where
+  nn.GRU's CPU backward accumulates it one time step at a time.
+- "kernel": the same design with the time loop in a small C kernel (fedtext/csrc/gru_kernel.c,
+  AVX-512, 2 threads), built on first use with the system C compiler and loaded with ctypes;
+  the big matmuls stay in torch. reset_after=True, float32 only. Chosen automatically when it
+  is available; otherwise "torch", with a one-line notice.
+- "nn": torch's own GRU kernel (torch._VF.gru, what nn.GRU calls): cuDNN on a GPU, where it is
+  exact for reset_after=True and fp32, so "auto" picks it on CUDA.
+"bf16" precision runs the recurrent matmuls of the "torch" path in bfloat16 (fp32 state,
+gates and master weights); tests hold it to its own looser tolerance.
 """
 
 from __future__ import annotations
 
 import torch
+
+IMPLS = ("auto", "kernel", "torch", "nn", "reference")
+_impl = "auto"  # process-wide choice; set_impl() / FEDTEXT_GRU env var change it
+
+
+def set_impl(name: str) -> None:
+    """Choose the GRU implementation: auto | kernel | torch | nn | reference."""
+    global _impl
+    if name not in IMPLS:
+        raise ValueError(f"GRU implementation must be one of {IMPLS}, not {name!r}")
+    _impl = name
+
+
+def get_impl() -> str:
+    return _impl
 
 
 def reference_recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True):
@@ -33,5 +66,212 @@ def reference_recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True):
     return torch.stack(out)
 
 
-def recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True):
-    return reference_recurrence(xp, h0, w_hh, b_hh, reset_after)
+def _mm_dtype(precision: str):
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class _GRUResetAfter(torch.autograd.Function):
+    """reset_after=True recurrence with a hand-written backward (the "torch" path)."""
+
+    @staticmethod
+    def forward(ctx, xp, h0, w_hh, b_hh, precision):
+        T, B, H3 = xp.shape
+        H = H3 // 3
+        mm = _mm_dtype(precision)
+        w_t = w_hh.t().contiguous()  # (H, 3H): h @ w_t is the recurrent matmul
+        if mm is not None:
+            w_t = w_t.to(mm)
+        hs = xp.new_empty(T + 1, B, H)  # hs[0] = h0, hs[t+1] = h after step t
+        gates = xp.new_empty(T, B, 4 * H)  # [r | z | n | hn] per step, for the backward
+        hs[0] = h0
+        for t in range(T):
+            h = hs[t]
+            g = (h.to(mm) @ w_t).float() if mm is not None else h @ w_t  # (B, 3H)
+            g += b_hh
+            gt = gates[t]
+            rz = gt[:, : 2 * H]
+            torch.add(xp[t, :, : 2 * H], g[:, : 2 * H], out=rz)
+            rz.sigmoid_()
+            hn = gt[:, 3 * H:]
+            hn.copy_(g[:, 2 * H:])
+            n = gt[:, 2 * H: 3 * H]
+            torch.addcmul(xp[t, :, 2 * H:], gt[:, :H], hn, out=n)
+            n.tanh_()
+            # h' = n + z * (h - n)
+            torch.addcmul(n, gt[:, H: 2 * H], h - n, out=hs[t + 1])
+        ctx.save_for_backward(hs, gates, w_hh)
+        ctx.precision = precision
+        return hs[1:]
+
+    @staticmethod
+    def backward(ctx, d_out):
+        hs, gates, w_hh = ctx.saved_tensors
+        T, B, H = d_out.shape
+        mm = _mm_dtype(ctx.precision)
+        w = w_hh if mm is None else w_hh.to(mm)  # (3H, H): dG @ w is dh through the matmul
+        d_out = d_out.contiguous()
+        dxp = d_out.new_empty(T, B, 3 * H)  # d loss / d xp
+        dG = d_out.new_empty(T, B, 3 * H)  # d loss / d (h W_hh^T + b_hh)
+        dh = d_out.new_zeros(B, H)
+        for t in range(T - 1, -1, -1):
+            dh = dh + d_out[t]
+            g = gates[t]
+            r, z, n, hn = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H], g[:, 3 * H:]
+            h_prev = hs[t]
+            dx = dxp[t]
+            # dn_pre = dh * (1 - z) * (1 - n^2)
+            dn_pre = dx[:, 2 * H:]
+            torch.mul(dh, 1 - z, out=dn_pre)
+            dn_pre.mul_(1 - n * n)
+            # dz_pre = dh * (h_prev - n) * z * (1 - z)
+            torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
+            dx[:, H: 2 * H].mul_(z * (1 - z))
+            # dr_pre = dn_pre * hn * r * (1 - r)
+            torch.mul(dn_pre, hn, out=dx[:, :H])
+            dx[:, :H].mul_(r * (1 - r))
+            dg = dG[t]
+            dg[:, : 2 * H].copy_(dx[:, : 2 * H])
+            torch.mul(dn_pre, r, out=dg[:, 2 * H:])
+            dh_mm = (dg.to(mm) @ w).float() if mm is not None else dg @ w  # (B, H)
+            dh = torch.addcmul(dh_mm, dh, z)
+        dG2 = dG.view(T * B, 3 * H)
+        dw_hh = dG2.t() @ hs[:-1].reshape(T * B, H)  # one big matmul for all steps
+        db_hh = dG2.sum(0)
+        return dxp, dh, dw_hh, db_hh, None
+
+
+class _GRUResetBefore(torch.autograd.Function):
+    """reset_after=False recurrence (r multiplies h before the matmul), hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, xp, h0, w_hh, precision):
+        T, B, H3 = xp.shape
+        H = H3 // 3
+        mm = _mm_dtype(precision)
+        w_rz = w_hh[: 2 * H].t().contiguous()  # (H, 2H)
+        w_n = w_hh[2 * H:].t().contiguous()  # (H, H)
+        if mm is not None:
+            w_rz, w_n = w_rz.to(mm), w_n.to(mm)
+
+        def matmul(a, b):
+            return (a.to(mm) @ b).float() if mm is not None else a @ b
+
+        hs = xp.new_empty(T + 1, B, H)
+        gates = xp.new_empty(T, B, 4 * H)  # [r | z | n | r*h]
+        hs[0] = h0
+        for t in range(T):
+            h = hs[t]
+            gt = gates[t]
+            rz = gt[:, : 2 * H]
+            torch.add(xp[t, :, : 2 * H], matmul(h, w_rz), out=rz)
+            rz.sigmoid_()
+            rh = gt[:, 3 * H:]
+            torch.mul(gt[:, :H], h, out=rh)
+            n = gt[:, 2 * H: 3 * H]
+            torch.add(xp[t, :, 2 * H:], matmul(rh, w_n), out=n)
+            n.tanh_()
+            torch.addcmul(n, gt[:, H: 2 * H], h - n, out=hs[t + 1])
+        ctx.save_for_backward(hs, gates, w_hh)
+        ctx.precision = precision
+        return hs[1:]
+
+    @staticmethod
+    def backward(ctx, d_out):
+        hs, gates, w_hh = ctx.saved_tensors
+        T, B, H = d_out.shape
+        mm = _mm_dtype(ctx.precision)
+        w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]  # (2H, H), (H, H)
+        if mm is not None:
+            w_rz, w_n = w_rz.to(mm), w_n.to(mm)
+
+        def matmul(a, b):
+            return (a.to(mm) @ b).float() if mm is not None else a @ b
+
+        d_out = d_out.contiguous()
+        dxp = d_out.new_empty(T, B, 3 * H)
+        drh_all = d_out.new_empty(T, B, H)  # d loss / d (r * h), for dW_n
+        dh = d_out.new_zeros(B, H)
+        for t in range(T - 1, -1, -1):
+            dh = dh + d_out[t]
+            g = gates[t]
+            r, z, n = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H]
+            h_prev = hs[t]
+            dx = dxp[t]
+            dn_pre = dx[:, 2 * H:]
+            torch.mul(dh, 1 - z, out=dn_pre)
+            dn_pre.mul_(1 - n * n)
+            torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
+            dx[:, H: 2 * H].mul_(z * (1 - z))
+            drh = drh_all[t]
+            drh.copy_(matmul(dn_pre, w_n))  # (B, H)
+            torch.mul(drh, h_prev, out=dx[:, :H])
+            dx[:, :H].mul_(r * (1 - r))
+            # dh_prev = dh * z + drh * r + [dr_pre, dz_pre] @ W_rz
+            dh = matmul(dx[:, : 2 * H], w_rz).addcmul_(dh, z).addcmul_(drh, r)
+        dx2 = dxp.view(T * B, 3 * H)
+        dw_rz = dx2[:, : 2 * H].t() @ hs[:-1].reshape(T * B, H)
+        dw_n = dx2[:, 2 * H:].t() @ gates[:, :, 3 * H:].reshape(T * B, H)
+        return dxp, dh, torch.cat([dw_rz, dw_n]), None
+
+
+_notice_shown = False
+_precision = "fp32"  # process-wide: "fp32" or "bf16" (recurrent matmuls in bfloat16)
+
+
+def set_precision(precision: str) -> None:
+    """fp32 (exact) or bf16 (recurrent matmuls in bfloat16, fp32 master weights)."""
+    global _precision
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    _precision = precision
+
+
+def get_precision() -> str:
+    return _precision
+
+
+def resolve_impl(device: torch.device, reset_after: bool, precision: str | None = None,
+                 impl: str | None = None) -> str:
+    """Which implementation runs: "nn" (torch's own GRU kernel: cuDNN on a GPU), "kernel",
+    "torch" or "reference"."""
+    impl, precision = impl or _impl, precision or _precision
+    if impl == "reference":
+        return "reference"
+    exact_nn = reset_after and precision == "fp32"
+    if impl == "nn" or (impl == "auto" and device.type == "cuda" and exact_nn):
+        return "nn"
+    if device.type == "cpu" and exact_nn and impl in ("auto", "kernel"):
+        from fedtext import gru_kernel
+
+        if gru_kernel.available():
+            return "kernel"
+        _notify_fallback()
+    return "torch"
+
+
+def recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True, precision: str | None = None,
+               impl: str | None = None):
+    """All hidden states (T, B, H) of the GRU over input projections xp (T, B, 3H)."""
+    precision = precision or _precision
+    which = resolve_impl(xp.device, reset_after, precision, impl)
+    if which == "reference":
+        return reference_recurrence(xp, h0, w_hh, b_hh, reset_after)
+    if which == "kernel":
+        from fedtext import gru_kernel
+
+        return gru_kernel.GRUKernelFunction.apply(xp, h0, w_hh, b_hh)
+    if reset_after:
+        return _GRUResetAfter.apply(xp, h0, w_hh, b_hh, precision)
+    return _GRUResetBefore.apply(xp, h0, w_hh, precision)
+
+
+def _notify_fallback():
+    global _notice_shown
+    if not _notice_shown:
+        import sys
+
+        from fedtext import gru_kernel
+
+        print(f"fedtext: fast GRU kernel unavailable ({gru_kernel.unavailable_reason()}); "
+              "using the pure-PyTorch GRU", file=sys.stderr)
+        _notice_shown = True

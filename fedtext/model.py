@@ -96,6 +96,15 @@ class GRU(nn.Module):
         H = self.hidden_size
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, B, H)
+        which = gru.resolve_impl(h0.device, self.reset_after)
+        if which == "nn":
+            # torch's own GRU (cuDNN on a GPU): exact for reset_after=True, fp32.
+            if table_idx is not None:
+                x = F.embedding(table_idx, x)  # (T, B, E)
+            weights = [w for k in range(self.num_layers) for w in self.layer_weights(k)]
+            out, h_n = torch._VF.gru(x, h0.contiguous(), weights, True, self.num_layers, 0.0,
+                                     self.training, False, False)
+            return out, h_n
         finals = []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
@@ -105,7 +114,7 @@ class GRU(nn.Module):
                 xp = F.embedding(table_idx, torch.addmm(b_ih, x, w_ih.t()))  # (T, B, 3H)
             else:
                 xp = torch.addmm(b_ih, x.reshape(T * B, -1), w_ih.t()).view(T, B, 3 * H)
-            x = gru.recurrence(xp, h0[k], w_hh, b_hh, reset_after=self.reset_after)  # (T, B, H)
+            x = gru.recurrence(xp, h0[k], w_hh, b_hh, self.reset_after, impl=which)  # (T, B, H)
             finals.append(x[-1])
         return x, torch.stack(finals)
 
