@@ -85,14 +85,22 @@ def save_checkpoint(path, model: CharRNN, provenance: dict | None = None,
     tmp.mkdir()  # not mkdtemp: that makes it 0700, and a checkpoint should be shareable
     try:
         # save() to bytes, then write: save_file() creates the file 0600, not per umask.
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str) + "\n",
-                                       encoding="utf-8")
+        _write_synced(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        _write_synced(tmp / CONFIG_NAME,
+                      (json.dumps(config, indent=1, default=str) + "\n").encode("utf-8"))
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    # fsync before the rename, or a power cut could publish the directory with empty files.
+    with open(file, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _replaceable(path: Path) -> bool:
