@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from fedtext import __version__, gru
-from fedtext.batching import Batch, client_batches
+from fedtext.batching import Batch
 from fedtext.errors import FedtextError
 from fedtext.evaluate import evaluate_batches
 from fedtext.model import CharRNN, ModelConfig
@@ -279,7 +279,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     Returns:
       The last metrics row: step, train_loss, val_loss, val_accuracy, chars_per_s, lr, wall_s.
     """
-    from fedtext.checkpoint import save_checkpoint  # written in parallel; imported when used
+    from fedtext.batching import client_batches  # TODO: top-level once it has landed
+    from fedtext.checkpoint import save_checkpoint
 
     out = Path(out)
     cfg, model_config = cfg or PretrainConfig(), model_config or ModelConfig()
