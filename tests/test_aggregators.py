@@ -1,0 +1,75 @@
+import copy
+
+import pytest
+import torch
+
+from fedtext import aggregators as A
+from fedtext import params as P
+from fedtext.errors import FedtextError
+
+
+def _d(*v):
+    return {"w": torch.tensor(v, dtype=torch.float64)}
+
+
+def test_mean_is_weighted_mean():
+    agg = A.mean()
+    state = agg.init(_d(0.0, 0.0))
+    delta, state = agg.aggregate([(_d(1.0, 2.0), 3.0), (_d(-3.0, 2.0), 1.0)], state)
+    assert delta["w"].tolist() == [0.0, 2.0]  # (3 * [1, 2] + [-3, 2]) / 4
+    assert state == A.MeanState(1)
+
+
+def test_clipped_mean_clips_each_client_before_averaging():
+    agg = A.clipped_mean(max_norm=1.0)
+    state = agg.init(_d(0.0, 0.0))
+    # client 0 has norm 5 -> scaled to [0.6, 0.8]; client 1 (norm 0.5) is left alone.
+    delta, state = agg.aggregate([(_d(3.0, 4.0), 1.0), (_d(0.0, -0.5), 1.0)], state)
+    assert delta["w"].tolist() == pytest.approx([0.3, 0.15], abs=1e-15)
+    assert state == A.ClippedMeanState(rounds=1, clipped=1)
+    with pytest.raises(FedtextError):
+        A.clipped_mean(0.0)
+
+
+AGGREGATORS = {"mean": A.mean, "clipped_mean": lambda: A.clipped_mean(0.5)}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_contract(name):
+    """init -> aggregate x2: finite, same keys/shapes, inputs untouched, state advances."""
+    agg = AGGREGATORS[name]()
+    g = torch.Generator().manual_seed(0)
+    like = {"a.weight": torch.zeros(3, 4), "a.bias": torch.zeros(4)}
+    state = agg.init(like)
+    for _ in range(2):
+        pairs = [({k: torch.randn(v.shape, generator=g) for k, v in like.items()}, w)
+                 for w in (1.0, 3.0, 0.0)]
+        saved, old_state = [P.clone(d) for d, _ in pairs], copy.deepcopy(state)
+        out, new_state = agg.aggregate(pairs, state)
+        assert list(out) == list(like)
+        for k in like:
+            assert out[k].shape == like[k].shape and torch.isfinite(out[k]).all()
+        for (d, _), s in zip(pairs, saved):
+            assert all(torch.equal(d[k], s[k]) for k in d)
+        assert state == old_state and new_state != state
+        state = new_state
+
+
+METRICS = {"count": 700, "num_examples": 8, "num_batches": 1}
+
+
+@pytest.mark.parametrize("weighting,expected", [
+    ("tokens", 700.0), ("examples", 8.0), ("uniform", 1.0),
+    (lambda m: m["num_batches"] * 2.5, 2.5),  # the tutorial's client_weight_fn
+])
+def test_client_weight(weighting, expected):
+    assert A.client_weight(METRICS, weighting) == expected
+
+
+def test_client_weight_rejects_bad_input():
+    with pytest.raises(FedtextError, match="weighting"):
+        A.client_weight(METRICS, "chars")
+    with pytest.raises(FedtextError, match=">= 0"):
+        A.client_weight(METRICS, lambda m: -1.0)
+    with pytest.raises(FedtextError, match=">= 0"):
+        A.client_weight(METRICS, lambda m: float("nan"))

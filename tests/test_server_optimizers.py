@@ -1,0 +1,156 @@
+"""Server optimizers: single steps computed by hand from TFF's update rules, plus one contract
+test run over every optimizer."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from fedtext import params as P
+from fedtext import server_optimizers as so
+from fedtext.errors import FedtextError
+
+
+def _w(v):
+    return {"w": torch.tensor([v], dtype=torch.float64)}
+
+
+def _step(opt, w, deltas):
+    params, state = _w(w), None
+    state = opt.init(params)
+    for d in deltas:
+        params, state = opt.update(_w(d), state, params)
+    return params["w"].item(), state
+
+
+def test_sgd_is_fedavg():
+    # w - lr * delta; with lr 1 the new model is global - mean(global - local) = mean(local).
+    assert _step(so.sgd(), 1.0, [0.25])[0] == 0.75
+    assert _step(so.sgd(lr=0.5), 1.0, [0.5])[0] == 0.75
+    w, state = _step(so.sgd(lr=0.5), 1.0, [0.5, 0.5])
+    assert w == 0.5 and state.count == 2 and state.momentum is None
+
+
+def test_sgd_momentum_tff_accumulator():
+    # TFF build_sgdm: v = m v + g, w -= lr v (no dampening).
+    # v1 = 1, w1 = 2 - 1 = 1;  v2 = 0.5 * 1 + 1 = 1.5, w2 = 1 - 1.5 = -0.5.
+    w, state = _step(so.sgd(lr=1.0, momentum=0.5), 2.0, [1.0, 1.0])
+    assert w == -0.5 and state.momentum["w"].item() == 1.5
+    # Nesterov: w -= lr (g + m v): v1 = 1, w1 = 2 - (1 + 0.5) = 0.5.
+    assert _step(so.sgd(lr=1.0, momentum=0.5, nesterov=True), 2.0, [1.0])[0] == 0.5
+
+
+def test_adam_first_step_tff():
+    # g = 2: m = 0.1 * 2 = 0.2, v = 0.001 * 4 = 0.004,
+    # lr_t = 0.1 * sqrt(1 - 0.999) / (1 - 0.9), w = 1 - lr_t * m / (sqrt(v) + 1e-7).
+    lr_t = 0.1 * math.sqrt(0.001) / 0.1
+    expected = 1.0 - lr_t * 0.2 / (math.sqrt(0.004) + 1e-7)
+    w, state = _step(so.adam(lr=0.1), 1.0, [2.0])
+    assert w == pytest.approx(expected, abs=1e-15)
+    assert w == pytest.approx(0.9, abs=1e-5)  # Adam's first step is ~lr * sign(g)
+    assert state.count == 1
+    assert state.mu["w"].item() == pytest.approx(0.2, abs=1e-15)
+    assert state.nu["w"].item() == pytest.approx(0.004, abs=1e-15)
+
+
+def test_adam_second_step_and_no_bias_correction():
+    # Step 2 with g = -1: m = 0.9 * 0.2 - 0.1 = 0.08, v = 0.999 * 0.004 + 0.001 = 0.004996.
+    w1 = 1.0 - 0.1 * math.sqrt(0.001) / 0.1 * 0.2 / (math.sqrt(0.004) + 1e-7)
+    lr_t = 0.1 * math.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    expected = w1 - lr_t * 0.08 / (math.sqrt(0.004996) + 1e-7)
+    assert _step(so.adam(lr=0.1), 1.0, [2.0, -1.0])[0] == pytest.approx(expected, abs=1e-14)
+    # Reddi et al. Algorithm 2 (no bias correction): w = 1 - 0.1 * 0.2 / (sqrt(0.004) + tau).
+    expected = 1.0 - 0.1 * 0.2 / (math.sqrt(0.004) + 1e-3)
+    w = _step(so.adam(lr=0.1, eps=1e-3, bias_correction=False), 1.0, [2.0])[0]
+    assert w == pytest.approx(expected, abs=1e-15)
+
+
+def test_yogi_tff():
+    # v0 = 1e-6; g = 2: v = 1e-6 + 0.001 * sign(4 - 1e-6) * 4 = 0.004001, m = 0.2.
+    lr_t = 0.1 * math.sqrt(0.001) / 0.1
+    w1 = 1.0 - lr_t * 0.2 / (math.sqrt(0.004001) + 1e-3)
+    w, state = _step(so.yogi(lr=0.1), 1.0, [2.0])
+    assert w == pytest.approx(w1, abs=1e-15)
+    assert state.nu["w"].item() == pytest.approx(0.004001, abs=1e-15)
+    # g = 0.01: g^2 = 1e-4 < v, so v *decreases* additively: v = 0.004001 - 0.001 * 1e-4.
+    w, state = _step(so.yogi(lr=0.1), 1.0, [2.0, 0.01])
+    v2, m2 = 0.004001 - 1e-7, 0.9 * 0.2 + 0.1 * 0.01
+    lr_t = 0.1 * math.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    assert state.nu["w"].item() == pytest.approx(v2, abs=1e-15)
+    assert w == pytest.approx(w1 - lr_t * m2 / (math.sqrt(v2) + 1e-3), abs=1e-14)
+
+
+def test_adagrad_tff():
+    # v0 = 0.1; g = 0.5: v = 0.35, w = 1 - 0.2 * 0.5 / sqrt(0.35 + 1e-7).
+    w, state = _step(so.adagrad(lr=0.2), 1.0, [0.5])
+    assert w == pytest.approx(1.0 - 0.1 / math.sqrt(0.35 + 1e-7), abs=1e-15)
+    assert state.nu["w"].item() == pytest.approx(0.35, abs=1e-15)
+    # g = 1 next: v = 1.35.
+    w2, _ = _step(so.adagrad(lr=0.2), 1.0, [0.5, 1.0])
+    assert w2 == pytest.approx(w - 0.2 / math.sqrt(1.35 + 1e-7), abs=1e-15)
+
+
+def test_schedule_gets_the_round():
+    seen = []
+
+    def lr(r):
+        seen.append(r)
+        return [1.0, 0.5, 0.25][r]
+
+    w, _ = _step(so.sgd(lr=lr), 0.0, [1.0, 1.0, 1.0])
+    assert w == -1.75 and seen == [0, 1, 2]
+
+
+def _same(a, b) -> bool:
+    """Equal NamedTuple states, comparing tensors inside dict fields exactly."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, dict):
+            if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+OPTIMIZERS = {
+    "sgd": lambda: so.sgd(),
+    "sgd_lr_schedule": lambda: so.sgd(lr=lambda r: 0.5 / (1 + r)),
+    "sgdm": lambda: so.sgd(lr=0.5, momentum=0.9),
+    "nesterov": lambda: so.sgd(lr=0.5, momentum=0.9, nesterov=True),
+    "adam": lambda: so.adam(lr=0.01),
+    "adam_reddi": lambda: so.adam(lr=0.01, eps=1e-3, bias_correction=False),
+    "yogi": lambda: so.yogi(lr=0.01),
+    "adagrad": lambda: so.adagrad(lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_contract(name):
+    """init -> update x3: finite, same keys/shapes/dtypes, params move, inputs untouched."""
+    opt = OPTIMIZERS[name]()
+    g = torch.Generator().manual_seed(0)
+    params = {"a.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(4, generator=g)}
+    state = opt.init(params)
+    for _ in range(3):
+        delta = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        before = (P.clone(params), P.clone(delta), copy.deepcopy(state))
+        new, new_state = opt.update(delta, state, params)
+        assert list(new) == list(params)
+        for k in params:
+            assert new[k].shape == params[k].shape and new[k].dtype == params[k].dtype
+            assert torch.isfinite(new[k]).all()
+            assert not torch.equal(new[k], params[k])
+            assert torch.equal(params[k], before[0][k]) and torch.equal(delta[k], before[1][k])
+        assert _same(state, before[2])  # the old state value is unchanged
+        assert new_state.count == state.count + 1
+        params, state = new, new_state
+
+
+def test_registry_and_validation():
+    assert set(so.SERVER_OPTIMIZERS) == {"sgd", "adam", "yogi", "adagrad"}
+    for bad in (lambda: so.adam(lr=0.1, b1=1.0), lambda: so.yogi(lr=0.1, b2=-0.1),
+                lambda: so.sgd(momentum=1.5), lambda: so.sgd(nesterov=True),
+                lambda: so.yogi(lr=0.1, initial_preconditioner_value=0.0)):
+        with pytest.raises(FedtextError):
+            bad()
