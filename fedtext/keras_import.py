@@ -168,7 +168,12 @@ def _layers_keras_v3(f: h5py.File, path) -> list[tuple[str, dict[str, np.ndarray
     layers = []
     for name, vars_ in found:
         name = name[: -len("/vars")]  # "gru/cell/vars" -> "gru/cell"
-        n = len(vars_)
+        arrays = list(vars_.values())
+        if not all(isinstance(a, h5py.Dataset) for a in arrays):
+            raise FedtextError(f"{path}: {name}/vars holds groups, not weights")
+        if not any(np.issubdtype(a.dtype, np.floating) for a in arrays):
+            continue  # integer state such as a Keras 3 RNG seed_generator: not a weight
+        n = len(arrays)
         kind = {1: "embedding", 2: "dense", 3: "gru"}.get(n)
         if kind is None or set(vars_) != {str(i) for i in range(n)}:
             raise FedtextError(f"{path}: layer {name} holds {n} weights; the tutorial "

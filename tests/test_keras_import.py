@@ -8,6 +8,7 @@ variant would be off by 0.1 to 1.
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -151,6 +152,31 @@ def test_cudnn_gru_bias_is_the_reset_after_true_pair(tmp_path, expected):
                     bias=arrays["gru.bias"].reshape(-1))  # (6H,)
     model, prov = load_keras_model(path)
     assert prov["keras_variant"] == "CuDNNGRU(reset_after=True)"
+    check_against_keras(model, expected, "reset_after_true")
+
+
+def test_keras3_layout(ref, tmp_path, expected):
+    # Keras 3 files layers under `layers/` (not `_layer_checkpoint_dependencies/`) and may
+    # hold integer RNG state and optimizer variables beside the weights: all to be skipped.
+    arrays = arrays_of(expected, "reset_after_true")
+    weights = tmp_path / "model.weights.h5"
+    with h5py.File(weights, "w") as f:
+        f["layers/embedding/vars/0"] = arrays["embedding.embeddings"]
+        for i, k in enumerate(["kernel", "recurrent_kernel", "bias"]):
+            f[f"layers/gru/cell/vars/{i}"] = arrays[f"gru.{k}"]
+        f["layers/gru/cell/seed_generator/vars/0"] = np.zeros(2, np.uint32)
+        f["layers/dense/vars/0"], f["layers/dense/vars/1"] = arrays["dense.kernel"], arrays[
+            "dense.bias"]
+        f["optimizer/vars/0"] = np.zeros((), np.int64)
+    with zipfile.ZipFile(ref / KERAS_V3) as z:
+        config = z.read("config.json")
+    path = tmp_path / "k3.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("metadata.json", json.dumps({"keras_version": "3.5.0"}))
+        z.writestr("config.json", config)
+        z.write(weights, "model.weights.h5")
+    model, prov = load_keras_model(path)
+    assert prov["keras_version"] == "3.5.0"
     check_against_keras(model, expected, "reset_after_true")
 
 
