@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="fedtext",
-        description="Federated learning of character-level text generators (federated Shakespeare).",
+        description="Federated learning of character-level text generators.",
     )
     parser.add_argument("--version", action="version", version=f"fedtext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
