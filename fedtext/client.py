@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -48,7 +47,7 @@ from fedtext.params import Params
 ClientData = Sequence[Batch] | Callable[[int, int], Iterable[Batch]]
 
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adagrad")
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64, "bf16-mixed": torch.float32}
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 METRIC_SUMS = ("loss_sum", "correct", "count", "num_examples", "num_batches", "batch_loss_sum")
 
 
@@ -61,7 +60,7 @@ class ClientConfig:
     lr: float = 0.5  # the tutorial's client SGD learning rate
     momentum: float = 0.0  # sgd only; the tutorial uses none
     mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to the loss; 0 is plain FedAvg
-    precision: str = "float32"  # "float32", "float64", or "bf16-mixed" (autocast, fp32 weights)
+    precision: str = "float32"  # dtype of local training: "float32" (as TFF) or "float64"
     device: str = "cpu"  # where local training runs; deltas come back on the params' device
 
     def __post_init__(self):
@@ -178,17 +177,12 @@ def client_update(global_params: Params, client_data: ClientData, config: Client
     weights = load_params(model, global_params)
     start = [w.detach().clone() for w in weights] if config.mu else None  # FedProx anchor
     opt = _optimizer(weights, config)
-    mixed = config.precision == "bf16-mixed"
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if mixed else nullcontext()
     totals = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=dev)
     model.train()
     for epoch in range(config.local_epochs):
         for batch in epoch_batches(client_data, epoch, seed, config.max_batches):
             batch = Batch(*(t.to(dev, non_blocking=True) for t in batch))
-            with autocast:
-                logits, _ = model(batch.x)  # (B, T, V)
-            if mixed:  # loss and counts in fp32: a bf16 mask sum miscounts past 256 tokens
-                logits = logits.float()
+            logits, _ = model(batch.x)  # (B, T, V)
             loss, sums = batch_sums(logits, batch)
             opt.zero_grad()
             loss.backward()
