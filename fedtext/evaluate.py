@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fedtext.batching import Batch
+from fedtext.batching import Batch, client_batches
 from fedtext.errors import FedtextError
 from fedtext.model import CharRNN, token_stats
 
@@ -114,8 +114,6 @@ def check_client_ids(store, client_ids: Sequence[str]) -> list[str]:
 def store_batches(store, client_ids: Sequence[str] | None = None, *, batch_size: int = 8,
                   seq_len: int = 100, max_batches: int | None = None) -> Iterator[Batch]:
     """The tutorial's batches of each client, padded so that no client's text is dropped."""
-    from fedtext.batching import client_batches  # TODO: top-level once it has landed
-
     for cid in store.client_ids if client_ids is None else client_ids:
         yield from client_batches(store.chars(cid), batch_size=batch_size, seq_len=seq_len,
                                   mode="padded", max_batches=max_batches)

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from fedtext import __version__, gru
-from fedtext.batching import Batch
+from fedtext.batching import Batch, client_batches
 from fedtext.errors import FedtextError
 from fedtext.evaluate import evaluate_batches
 from fedtext.model import CharRNN, ModelConfig
@@ -279,7 +279,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     Returns:
       The last metrics row: step, train_loss, val_loss, val_accuracy, chars_per_s, lr, wall_s.
     """
-    from fedtext.batching import client_batches  # TODO: top-level once it has landed
     from fedtext.checkpoint import save_checkpoint
 
     out = Path(out)
@@ -379,7 +378,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
                 row["wall_s"] = wall_s
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                bar.write(" ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
+                line = " ".join(f"{k} {_fmt(v)}" for k, v in row.items())
+                bar.write(line) if progress else log(line)  # tqdm.write keeps the bar intact
                 loss_sum, loss_n, chars, t_train = 0.0, 0, 0, 0.0
             if step % cfg.ckpt_every == 0 or last:
                 checkpoint(row)

@@ -70,6 +70,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="'pretrained' or a checkpoint directory")
     p.add_argument("--split", choices=["test", "train"], default="test", help="which split "
                    "(default test)")
+    p.add_argument("--data", help="your own federated text instead of Shakespeare: a directory "
+                   "of <client>.txt files or a .jsonl file")
     p.add_argument("--clients", help="comma-separated client ids (default: all clients)")
     p.add_argument("--random", action="store_true", help="uniformly random text over the 86 "
                    "characters instead: accuracy should come out near 1/86")
@@ -160,28 +162,32 @@ def evaluate_cmd(args) -> int:
             raise FedtextError(f"--{flag.replace('_', '-')} must be >= 1, not {v}")
     model, _ = load_model(args.model)
     if args.random:
-        if args.clients:
-            raise FedtextError("--random evaluates on random text: it takes no --clients")
+        if args.clients is not None or args.data:
+            raise FedtextError("--random evaluates on random text: it takes no --clients or --data")
         batches = random_text_batches(args.max_batches or 100, args.batch_size, args.seq_len,
                                       seed=args.seed)
         r, split, clients = evaluate_batches(model, batches), "random", 0
     else:
-        from fedtext.data import load_shakespeare
+        from fedtext.data import load_dataset
 
-        store = getattr(load_shakespeare(cache_dir=args.cache_dir), args.split)
-        ids = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else None
-        if ids is not None and not ids:
-            raise FedtextError("--clients is empty")
+        ds = load_dataset(args.data, cache_dir=args.cache_dir)
+        store = getattr(ds, args.split)
+        ids = None
+        if args.clients is not None:
+            ids = [c.strip() for c in args.clients.split(",") if c.strip()]
+            if not ids:
+                raise FedtextError("--clients is empty")
         r = evaluate_store(model, store, ids, batch_size=args.batch_size, seq_len=args.seq_len,
                            max_batches=args.max_batches)
         split, clients = args.split, len(ids) if ids is not None else len(store.client_ids)
-    out = {"model": args.model, "split": split, "clients": clients, **r.to_dict()}
+    data = "random" if args.random else ds.name
+    out = {"model": args.model, "data": data, "split": split, "clients": clients, **r.to_dict()}
     if args.json:
         # JSON has no NaN: no counted target gives null loss/accuracy.
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                           for k, v in out.items()}))
     else:
-        where = "random text" if args.random else f"{split} split, {clients:,} clients"
+        where = "random text" if args.random else f"{data} {split} split, {clients:,} clients"
         print(f"{args.model} on {where}: {r.predictions:,} predictions")
         print(f"loss {r.loss:.4f} nats ({r.bits_per_char:.4f} bits/char), "
               f"accuracy {r.accuracy:.4f}" + (f" (random guessing: {1 / 86:.4f})"
