@@ -150,7 +150,8 @@ def summarize(sums: dict) -> dict:
             "tff_loss": sums["batch_loss_sum"] / n if n else nan}
 
 
-def _to_dict(totals: torch.Tensor) -> dict:
+def sums_to_dict(totals: torch.Tensor) -> dict:
+    """A (6,) tensor of METRIC_SUMS -> {name: value}, counts as ints."""
     vals = totals.tolist()  # the one host sync of the client
     out = dict(zip(METRIC_SUMS, vals))
     for k in ("correct", "count", "num_examples", "num_batches"):
@@ -191,7 +192,7 @@ def client_update(global_params: Params, client_data: ClientData, config: Client
                 torch._foreach_add_(grads, torch._foreach_sub(weights, start), alpha=config.mu)
             opt.step()
             totals += sums
-    metrics = summarize(_to_dict(totals))
+    metrics = summarize(sums_to_dict(totals))
     # delta = global - local, as fresh tensors (the model is reused by the next client).
     g = list(global_params.values())
     local = [w.detach().to(t.device, t.dtype) for w, t in zip(weights, g)]
