@@ -141,12 +141,14 @@ def _batch(seed, B=4, T=7):
                  torch.randint(0, 12, (B, T), generator=g), mask)
 
 
-def test_one_client_one_step_equals_central_sgd():
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_one_client_one_step_equals_central_sgd(cell):
+    mc = ModelConfig(vocab_size=12, embed_dim=8, hidden_size=16, cell=cell)
     torch.manual_seed(0)
-    model = CharRNN(MC)
+    model = CharRNN(mc)
     batch = _batch(1)
     init = P.clone(model.state_dict())
-    algorithm = fed_avg(ClientConfig(MC, lr=0.5), sgd(lr=1.0))
+    algorithm = fed_avg(ClientConfig(mc, lr=0.5), sgd(lr=1.0))
     state, metrics = algorithm.apply(algorithm.init(model.state_dict()), [("only", [batch])])
 
     _, loss = model(batch.x, batch.y, batch.mask)  # the central step on the same batch
@@ -187,3 +189,13 @@ def test_clipped_mean_plugs_in():
     state, metrics = algorithm.apply(algorithm.init(params), [("a", [_batch(1)])])
     assert metrics["delta_norm"] == pytest.approx(1e-3, rel=1e-4)
     assert state.agg_state.clipped == 1
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fedtext import fedavg, server_optimizers
+
+    for mod in (fedavg, server_optimizers, aggregators):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
