@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from fedtext import __version__, gru
 from fedtext.batching import Batch, client_batches
+from fedtext.checkpoint import save_checkpoint
 from fedtext.errors import FedtextError
 from fedtext.evaluate import evaluate_batches
 from fedtext.model import CharRNN, ModelConfig
@@ -279,8 +280,6 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     Returns:
       The last metrics row: step, train_loss, val_loss, val_accuracy, chars_per_s, lr, wall_s.
     """
-    from fedtext.checkpoint import save_checkpoint
-
     out = Path(out)
     cfg, model_config = cfg or PretrainConfig(), model_config or ModelConfig()
     corpus = corpus if corpus is not None else load_corpus()
@@ -333,7 +332,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
         save_checkpoint(out / MODEL_DIR, model, provenance={
             "kind": "pretrain", "corpus": corpus.name, "corpus_chars": len(corpus.ids),
             "command": command, "steps": step, "seed": cfg.seed, "config": asdict(cfg),
-            "precision": precision, "train_loss": row.get("train_loss"),
+            "precision": precision, "metrics_step": row["step"],  # the losses below are of it
+            "train_loss": row.get("train_loss"),
             "val_loss": row.get("val_loss"), "val_accuracy": row.get("val_accuracy"),
             "fedtext_version": __version__, "wall_time_s": round(wall_s, 1),
         })
@@ -379,7 +379,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 line = " ".join(f"{k} {_fmt(v)}" for k, v in row.items())
-                bar.write(line) if progress else log(line)  # tqdm.write keeps the bar intact
+                if progress:
+                    bar.write(line)  # printed above the bar, which stays intact
+                else:
+                    log(line)
                 loss_sum, loss_n, chars, t_train = 0.0, 0, 0, 0.0
             if step % cfg.ckpt_every == 0 or last:
                 checkpoint(row)
