@@ -8,13 +8,19 @@ value-out `FederatedAlgorithm` (FedJAX's contract):
 
 One round, in TFF's four roles (`compose_learning_process`); here they are plain arguments:
 
-                 1 broadcast             2 client work                 3 aggregate
-    ServerState ------------> params --> client_update(params,    --> aggregator(
-      .params                  to each    data_i, client_config,       [(delta_i, w_i)])
-      .opt_state               client     seed_i) on the backend        = weighted mean
-      .agg_state                          -> delta_i = global - local_i      |
-      .round       <------------------------------------------------------- 4 server update
-                    params, opt_state = server_optimizer.update(mean delta, opt_state, params)
+    ServerState(params, opt_state, agg_state, round)
+        |  1 broadcast: the same global params to every client of the round
+        v
+    client_update(params, data_i, client_config, seed_i)     2 client work, i = 0..n-1,
+        |  ClientResult(delta_i = params - local_i, metrics_i)     wherever the backend runs it
+        v
+    aggregator.aggregate([(delta_i, w_i), ...], agg_state)    3 aggregate: weighted mean delta
+        |
+        v
+    server_optimizer.update(mean_delta, opt_state, params)    4 server update
+        |
+        v
+    ServerState(params', opt_state', agg_state', round + 1)
 
 With `server_optimizers.sgd(lr=1.0)` step 4 is `params - mean(global - local_i)`: the weighted
 average of the client models, i.e. FedAvg. FedProx is `ClientConfig(mu=...)`. Client i's weight
