@@ -159,6 +159,8 @@ class ClientStore:
 
 @dataclass(frozen=True)
 class FederatedDataset:
+    """A federated dataset: train and test stores (same clients for Shakespeare), plus notes."""
+
     train: ClientStore
     test: ClientStore
     name: str  # "shakespeare" or the user's file/directory name
@@ -233,7 +235,9 @@ def _build_shakespeare(target: Path, fingerprint: str, files: list[Path]) -> Non
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_shakespeare(cache_dir: str | os.PathLike | None = None, rebuild: bool = False):
+def load_shakespeare(
+    cache_dir: str | os.PathLike | None = None, rebuild: bool = False
+) -> FederatedDataset:
     """Federated Shakespeare (one client per play and character), from the cache.
 
     Builds the cache on first use or when the fingerprint changed (a few seconds);
@@ -288,9 +292,13 @@ def _read_text_dir(d: Path) -> dict[str, list[str]]:
     return clients
 
 
-def _read_jsonl(f: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], dict]:
-    """JSONL records {"client_id", "text"[, "split"]} -> (train, test, unsplit) snippets."""
-    out: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}, None: {}}
+def _read_jsonl(f: Path) -> tuple[dict, list[str]]:
+    """JSONL records {"client_id", "text"[, "split"]} -> ({split: {id: snippets}}, ids).
+
+    The split None holds records without one; ids are in order of first appearance.
+    """
+    out: dict = {None: {}, "train": {}, "test": {}}
+    order: dict[str, None] = {}
     try:
         lines = f.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -314,12 +322,15 @@ def _read_jsonl(f: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], di
         if split not in out:
             raise FedtextError(f'{f}:{n}: \'split\' must be "train" or "test", got {split!r}')
         out[split].setdefault(rec["client_id"], []).append(rec["text"])
+        order.setdefault(rec["client_id"])
     if not any(out.values()):
         raise FedtextError(f"{f}: no records (expected JSON lines with client_id and text)")
-    return out["train"], out["test"], out[None]
+    return out, list(order)
 
 
-def load_text_clients(path: str | os.PathLike, test_fraction: float = TEST_FRACTION):
+def load_text_clients(
+    path: str | os.PathLike, test_fraction: float = TEST_FRACTION
+) -> FederatedDataset:
     """Users' own federated text, with the same API as load_shakespeare().
 
     `path` is either a directory with one UTF-8 `<client id>.txt` file per client, whose
@@ -334,11 +345,14 @@ def load_text_clients(path: str | os.PathLike, test_fraction: float = TEST_FRACT
     if p.is_dir():
         train, test, left_out = temporal_split(_read_text_dir(p), test_fraction)
     elif p.is_file() and p.suffix.lower() in (".jsonl", ".json"):
-        train, test, unsplit = _read_jsonl(p)
-        t2, s2, left_out = temporal_split(unsplit, test_fraction)
-        for whole, part in ((train, t2), (test, s2)):
-            for cid, snippets in part.items():
-                whole.setdefault(cid, []).extend(snippets)
+        records, order = _read_jsonl(p)
+        t2, s2, left_out = temporal_split(records[None], test_fraction)
+        train, test = {}, {}  # clients in file order; explicit splits, then temporal ones
+        for whole, split, part in ((train, "train", t2), (test, "test", s2)):
+            for cid in order:
+                snippets = records[split].get(cid, []) + part.get(cid, [])
+                if snippets:
+                    whole[cid] = snippets
         left_out = [c for c in left_out if c not in train and c not in test]
     elif p.exists():
         raise FedtextError(f"{p}: expected a directory of .txt files or a .jsonl file")
@@ -356,7 +370,9 @@ def load_text_clients(path: str | os.PathLike, test_fraction: float = TEST_FRACT
     )
 
 
-def load_dataset(data: str | os.PathLike | None = None, cache_dir=None, rebuild=False):
+def load_dataset(
+    data: str | os.PathLike | None = None, cache_dir=None, rebuild: bool = False
+) -> FederatedDataset:
     """`data` None -> federated Shakespeare (cached); else load_text_clients(data)."""
     if data is None:
         return load_shakespeare(cache_dir, rebuild=rebuild)
