@@ -114,7 +114,10 @@ class ClientStore:
         return self._index[client]
 
     def chars(self, client: str | int) -> np.ndarray:
-        """(n,) uint8 ids of the client's snippets concatenated, no separator (the TFF stream)."""
+        """(n,) uint8 ids of the client's snippets concatenated, no separator (the TFF stream).
+
+        A read-only view into the (memory-mapped) store: copy it before writing to it.
+        """
         i = self.index(client)
         s0, s1 = self._cli[i], self._cli[i + 1]
         return np.asarray(self._chars[self._snip[s0] : self._snip[s1]])

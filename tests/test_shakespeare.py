@@ -8,6 +8,7 @@ import pytest
 from fedtext import shakespeare as sh
 from fedtext import vocab
 from fedtext.data import load_shakespeare
+from fedtext.errors import FedtextError
 
 
 def M(text):
@@ -157,6 +158,9 @@ He was a king bless'd.
 Do you hear, you minion?$
 OF EPHESUS
 
+**BENVOLIO**$
+Out--
+
 **BIRON**$
 Can any face of brass hold longer out?
 
@@ -175,6 +179,7 @@ Let me sit heavy on thy soul.
         ("GLOUCESTER", "None do you like but an effeminate prince."),
         ("BISHOP OF WINCHESTER", "He was a king bless'd."),
         ("ANTIPHOLUS OF EPHESUS", "Do you hear, you minion?"),
+        ("BENVOLIO", "Out--"),  # a cut-off last line is speech, not a name prefix
         # A bold line that is not a name is speech of the current speaker.
         (
             "BIRON",
@@ -217,7 +222,7 @@ def test_title_fallback_and_missing_title():
         "Measure For Measure",
         [("DUKE", "Ho.")],
     )
-    with pytest.raises(sh.FedtextError, match="Title"):
+    with pytest.raises(FedtextError, match="Title"):
         sh.parse_play("**DUKE**  \nHo.")
 
 
