@@ -140,11 +140,16 @@ def _sibling(path: Path, tag: str) -> Path:
 
 
 def _checkpoint_dir(path) -> Path:
-    """A checkpoint dir, given it or one of its two files."""
+    """A checkpoint dir, given it, one of its two files, or a run directory holding one
+    (`fedtext pretrain --out DIR` keeps it in DIR/model, `fedtext train --out RUN` in RUN/final)."""
     path = Path(path).expanduser()
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         return path.parent
     if path.is_dir():
+        if not (path / CONFIG_NAME).exists():
+            for sub in ("final", "model"):
+                if (path / sub / CONFIG_NAME).is_file():
+                    return path / sub
         return path
     if not path.exists():
         raise FedtextError(f"no such checkpoint: {path}")

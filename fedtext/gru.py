@@ -27,10 +27,14 @@ gates and master weights); tests hold it to its own looser tolerance.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IMPLS = ("auto", "kernel", "torch", "nn", "reference")
-_impl = "auto"  # process-wide choice; set_impl() / FEDTEXT_GRU env var change it
+_impl = os.environ.get("FEDTEXT_GRU", "auto")  # process-wide choice; set_impl() changes it
+if _impl not in IMPLS:
+    raise ValueError(f"FEDTEXT_GRU must be one of {IMPLS}, not {_impl!r}")
 
 
 def set_impl(name: str) -> None:
@@ -231,15 +235,18 @@ def get_precision() -> str:
 
 
 def resolve_impl(device: torch.device, reset_after: bool, precision: str | None = None,
-                 impl: str | None = None) -> str:
+                 impl: str | None = None, dtype: torch.dtype = torch.float32) -> str:
     """Which implementation runs: "nn" (torch's own GRU kernel: cuDNN on a GPU), "kernel",
-    "torch" or "reference"."""
+    "torch" or "reference". The kernel only does float32 weights (float64 models, e.g. for
+    checks, take the "torch" path)."""
     impl, precision = impl or _impl, precision or _precision
     if impl == "reference":
         return "reference"
     exact_nn = reset_after and precision == "fp32"
     if impl == "nn" or (impl == "auto" and device.type == "cuda" and exact_nn):
         return "nn"
+    if impl in ("auto", "kernel") and dtype != torch.float32:
+        return "torch"
     if device.type == "cpu" and exact_nn and impl in ("auto", "kernel"):
         from fedtext import gru_kernel
 
@@ -253,7 +260,7 @@ def recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True, precision: str | No
                impl: str | None = None):
     """All hidden states (T, B, H) of the GRU over input projections xp (T, B, 3H)."""
     precision = precision or _precision
-    which = resolve_impl(xp.device, reset_after, precision, impl)
+    which = resolve_impl(xp.device, reset_after, precision, impl, xp.dtype)
     if which == "reference":
         return reference_recurrence(xp, h0, w_hh, b_hh, reset_after)
     if which == "kernel":

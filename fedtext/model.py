@@ -96,7 +96,7 @@ class GRU(nn.Module):
         H = self.hidden_size
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, B, H)
-        which = gru.resolve_impl(h0.device, self.reset_after)
+        which = gru.resolve_impl(h0.device, self.reset_after, dtype=self.weight_hh_l0.dtype)
         if which == "nn":
             # torch's own GRU (cuDNN on a GPU): exact for reset_after=True, fp32.
             if table_idx is not None:
