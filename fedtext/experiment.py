@@ -376,10 +376,6 @@ def load_initial_model(spec: str, cfg: TrainConfig) -> CharRNN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return CharRNN(mc)
-    run = Path(spec)
-    for state_file, model_dir in ((STATE_FILE, FINAL_DIR), ("train_state.pt", "model")):
-        if (run / state_file).is_file() and (run / model_dir).is_dir():
-            spec = str(run / model_dir)
     try:
         model, _ = load_checkpoint(resolve_model_spec(spec))
     except FedtextError as e:

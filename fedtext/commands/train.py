@@ -155,7 +155,7 @@ def train_cmd(args) -> int:
     sources = config_sources(args)
     cfg = merge(TrainConfig(), *sources)
     set_threads(args.threads)
-    command = shlex.join(["fedtext", *sys.argv[1:]])
+    command = shlex.join(["fedtext", *getattr(args, "argv", sys.argv[1:])])
     result = train(cfg, args.out, resume=args.resume, overrides=sources,
                    cache_dir=args.cache_dir, progress=not args.no_progress,
                    tensorboard=not args.no_tensorboard, command=command)
