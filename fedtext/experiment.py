@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +452,14 @@ def data_summary(ds) -> dict:
             "test_clients": len(ds.test), "test_chars": ds.test.total_chars}
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """cfg with a model or data path made absolute: the saved config works from anywhere."""
+    changes = {k: str(Path(v).expanduser().resolve()) for k, v in
+               (("model", cfg.model), ("data", cfg.data))
+               if v not in ("pretrained", "scratch", "shakespeare") and Path(v).exists()}
+    return replace(cfg, **changes)
+
+
 def run_is_started(out: Path) -> bool:
     return (out / STATE_FILE).exists()
 
@@ -497,7 +505,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
                                   for k, v in saved["config"].items()})
         except (TypeError, FedtextError) as e:
             raise FedtextError(f"{out / STATE_FILE}: unreadable config ({e})") from None
-        cfg = merge(base, *overrides)
+        cfg = absolute_paths(merge(base, *overrides))
         diff = differences(base, cfg)
         if diff:
             raise FedtextError(f"--resume: {out} was started with " + ", ".join(diff)
@@ -509,7 +517,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
                            "it (with --rounds N to extend it) or choose another --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedtextError(f"{out} exists and is not an empty directory; choose another --out")
-    cfg = cfg.resolved()
+    cfg = absolute_paths(cfg).resolved()
 
     ds = dataset if dataset is not None else load_data(cfg, cache_dir)
     summary = data_summary(ds)

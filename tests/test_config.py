@@ -121,3 +121,14 @@ def test_differences_ignore_resumable_fields():
     # -1 means "the optimizer's default", so spelling the default out is no difference.
     assert differences(TrainConfig(server_optimizer="sgdm"),
                        TrainConfig(server_optimizer="sgdm", server_momentum=0.9)) == []
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from fedtext.tutorial import TUTORIAL
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(root / "tutorial.toml") == TUTORIAL  # `fedtext tutorial`'s training
+    tiny = load_config(root / "tiny.toml")
+    assert tiny.model == "scratch" and tiny.hidden_size <= 64
