@@ -35,6 +35,7 @@ ARCH_FIELDS = ("embed_dim", "hidden_size", "num_layers", "cell")  # used by mode
 # Fields a resumed run may change: they decide how long it runs and how often it evaluates,
 # never what a finished round computed.
 RESUMABLE = ("rounds", "eval_every")
+FLAGS = "command line"  # the `where` of command-line overrides (errors name the flag)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,8 @@ def merge(cfg: TrainConfig, *sources: tuple[str, dict]) -> TrainConfig:
             try:
                 check_field(key, value)
             except FedtextError as e:
+                if where == FLAGS:  # name the flag the user typed: --client-lr, not client_lr
+                    raise FedtextError(f"--{key.replace('_', '-')}{str(e)[len(key):]}") from None
                 raise FedtextError(f"{where}: {e}") from None
             changes[key] = value
     return replace(cfg, **changes)

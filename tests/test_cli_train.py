@@ -80,7 +80,9 @@ def test_cli_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
     assert fedtext("train", "--out", tmp_path / "a", "--config", bad) == 2
     one_line_error(capsys, "bad.toml: rounds must be >= 1, not -3")
     assert fedtext("train", "--out", tmp_path / "a", "--rounds", "0") == 2
-    one_line_error(capsys, "command line: rounds must be >= 1")
+    one_line_error(capsys, "--rounds must be >= 1, not 0")
+    assert fedtext("train", "--out", tmp_path / "a", "--seq-len", "ten") == 2
+    one_line_error(capsys, "--seq-len must be an integer, not 'ten'")
     assert fedtext("train", "--out", tmp_path / "a", "--hidden-size", "8") == 2
     one_line_error(capsys, "need model = 'scratch'")
     assert fedtext("train", "--out", tmp_path / "a", "--model", tmp_path / "nope") == 2

@@ -82,8 +82,14 @@ def test_toml_errors_name_file_and_key(tmp_path, text, match):
 
 
 def test_flag_errors_name_the_source():
-    with pytest.raises(FedtextError, match=r"command line: eval_every must be >= 1"):
+    with pytest.raises(FedtextError, match=r"^--eval-every must be >= 1, not 0"):
         merge(TrainConfig(), *flags("--eval-every", "0"))
+    with pytest.raises(FedtextError, match=r"^--rounds must be an integer, not 'abc'"):
+        flags("--rounds", "abc")
+    with pytest.raises(FedtextError, match=r"^--client-lr must be a number, not '1e'"):
+        flags("--client-lr", "1e")
+    with pytest.raises(FedtextError, match=r"^--weighting must be one of tokens, examples"):
+        merge(TrainConfig(), *flags("--weighting", "chars"))
 
 
 def test_settings_that_do_not_go_together():

@@ -17,7 +17,7 @@ import shlex
 import sys
 from dataclasses import fields
 
-from fedtext.config import TrainConfig
+from fedtext.config import FLAGS, TrainConfig
 from fedtext.errors import FedtextError
 
 D = TrainConfig()
@@ -66,11 +66,20 @@ CHOICES = {"sampling": ("uniform", "weighted"), "weighting": ("tokens", "example
            "precision": ("fp32", "bf16"), "cell": ("gru", "lstm")}
 
 
+METAVAR = {"model": "pretrained|scratch|CKPT", "data": "shakespeare|PATH", "rounds": "N",
+           "clients_per_round": "K", "clients": "ID,...", "eval_client_ids": "ID,...",
+           "local_epochs": "E", "max_batches": "B", "eval_every": "N", "eval_clients": "N",
+           "seed": "S"}
+
+
 def add_config_flags(p: argparse.ArgumentParser, defaults: TrainConfig = D) -> None:
-    """One flag per TrainConfig field; all default to None, so only given flags override."""
+    """One flag per TrainConfig field; all default to None, so only given flags override.
+
+    Values stay strings here and are converted by `config_sources`, so a bad value is one
+    FedtextError line naming the flag (argparse would print its usage block instead).
+    """
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (keys are the "
                    "flag names with underscores); flags override it")
-    types = {bool: None, int: int, float: float, str: str}
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         if f.name == "drop_remainder":
@@ -87,10 +96,23 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: TrainConfig = D) -> N
                            help=f"shuffle a client's sequences each epoch (default {default})")
             continue
         shown = ",".join(default) if isinstance(default, tuple) else default
+        metavar = ("{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES
+                   else METAVAR.get(f.name, f.name.split("_")[-1].upper()))
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       type=types.get(type(default), str), choices=CHOICES.get(f.name),
-                       metavar=None if f.name in CHOICES else f.name.split("_")[-1].upper(),
+                       metavar=metavar,
                        help=f"{HELP[f.name]} (default {shown if shown != '' else 'none'})")
+
+
+def _flag_value(name: str, text: str):
+    """A flag's string as the field's type, or one FedtextError line naming the flag."""
+    want = type(getattr(D, name))
+    if want in (int, float):
+        try:
+            return want(text)
+        except ValueError:
+            kind = "an integer" if want is int else "a number"
+            raise FedtextError(f"--{name.replace('_', '-')} must be {kind}, not {text!r}") from None
+    return text  # str, or "a,b,c" for the id lists (config splits it)
 
 
 def config_sources(args) -> list[tuple[str, dict]]:
@@ -100,9 +122,12 @@ def config_sources(args) -> list[tuple[str, dict]]:
     sources = []
     if args.config:
         sources.append((args.config, load_toml(args.config)))
-    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    sources.append(("command line", flags))
+    flags = {}
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            flags[f.name] = _flag_value(f.name, value) if isinstance(value, str) else value
+    sources.append((FLAGS, flags))
     return sources
 
 
