@@ -7,8 +7,8 @@ For each workload (K clients x B batches of 8 x 100, K in --clients), in one pro
 
   plain   one CharRNN and one SGD(lr 0.5) train the K * B batches in a plain Python loop
           (forward, masked loss, backward, step): the cost of the arithmetic alone;
-  round   one round of `fedtext train`'s loop on the same batches: fedtext.experiment's
-          run_rounds with build_algorithm (fed_avg: broadcast, client_update per client with
+  round   one round of `fedtext train`'s loop on the same batches: experiment.run_rounds
+          with trainer.build_algorithm (fed_avg: broadcast, client_update per client with
           its batches built from the client's char ids, aggregation, server step), the
           metrics row (metrics.jsonl + TensorBoard) and the atomic state checkpoint.
           Evaluation is off (it is not part of a round's training cost).
@@ -32,15 +32,10 @@ import torch
 
 from fedtext.batching import client_batches
 from fedtext.config import TrainConfig
-from fedtext.experiment import (
-    ProgressBackend,
-    RunRecorder,
-    build_algorithm,
-    client_epoch_batches,
-    run_rounds,
-)
+from fedtext.experiment import ProgressBackend, RunRecorder, run_rounds
 from fedtext.model import CharRNN, ModelConfig, token_stats
 from fedtext.sampling import FixedSampler
+from fedtext.trainer import build_algorithm, client_epoch_batches
 from fedtext.vocab import TUTORIAL_VOCAB
 
 

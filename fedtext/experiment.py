@@ -1,32 +1,32 @@
 """The experiment loop: rounds of a FederatedAlgorithm, evaluation, metrics, checkpoint/resume.
 
-    run_rounds(algorithm, state, sampler, client_data, rounds, evaluate=..., on_round=...)
+    state = run_rounds(algorithm, state, sampler, client_data, rounds,
+                       evaluate=..., on_round=RunRecorder(out, ...))
 
 is FedJAX's `run_federated_experiment` in miniature: each round samples its clients (a pure
 function of (seed, round)), builds their data, applies the algorithm, evaluates every
-`eval_every` rounds and hands (state, metrics row) to `on_round`, which writes the row
-(metrics.jsonl + TensorBoard) and then the whole state, atomically. `train(cfg, out)` wires a
-TrainConfig to it and owns the run directory:
-
-    RUN/config.toml     the effective config          RUN/metrics.jsonl   one row per round
-    RUN/state.pt        ServerState + RNGs (resume)   RUN/tb/             TensorBoard events
-    RUN/final/          the trained model, a checkpoint for `fedtext evaluate` / `generate`
+`eval_every` rounds and hands (state, metrics row) to `on_round`. `RunRecorder` writes the row
+(RUN/metrics.jsonl + TensorBoard events in RUN/tb/) and then the whole state (RUN/state.pt),
+atomically. fedtext.trainer wires a TrainConfig to all this (`fedtext train`).
 
 Resume is exact: the state holds everything a round reads (params, server optimizer and
 aggregator states, the round number, which also fixes the sampler's position; the RNG states),
 and the row of a round is written before its state, so a run killed anywhere redoes at most
 the round it was in, with the same clients and seeds, and ends with bit-identical weights.
+
+Held-out evaluation (`EvalSet`) restacks the test clients' padded rows once into one array
+with a client index per row, so each eval is a few large forward passes that yield pooled and
+per-client numbers together.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedtext import aggregators, gru, server_optimizers
 from fedtext.batching import client_batches
-from fedtext.client import ClientConfig, cached_model, load_params
-from fedtext.config import TrainConfig, differences, merge, save_toml
 from fedtext.errors import FedtextError
-from fedtext.fedavg import FederatedAlgorithm, ServerState, fed_avg
-from fedtext.model import CharRNN, ModelConfig
+from fedtext.fedavg import FederatedAlgorithm, ServerState
+from fedtext.model import CharRNN
 from fedtext.paths import atomic_path, atomic_write_text
-from fedtext.sampling import FixedSampler, UniformSampler, WeightedSampler
 
 STATE_FILE, METRICS_FILE, CONFIG_FILE = "state.pt", "metrics.jsonl", "config.toml"
 FINAL_DIR, TB_DIR = "final", "tb"
@@ -152,7 +148,8 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
                evaluate: Callable[[dict], dict] | None = None, eval_every: int = 1,
                on_round: Callable[[ServerState, dict], None] | None = None,
                backend: ProgressBackend | None = None, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> ServerState:
+               log: Callable[[str], None] | None = None,
+               until: int | None = None) -> ServerState:
     """Run rounds state.round + 1 .. `rounds` and return the final state.
 
     Args:
@@ -160,16 +157,18 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
         state: where to start (algorithm.init(params), or a resumed state).
         sampler: .sample(round) -> client ids (fedtext.sampling).
         client_data: client id -> its ClientData (batches, or a callable (epoch, seed)).
-        rounds: the last round to run.
+        rounds: the run's last round (the last round is always evaluated).
         evaluate: params -> dict of eval metrics, run every `eval_every` rounds and last.
         on_round: called with (state, row) after every round: log and checkpoint there.
         backend: the algorithm's ProgressBackend, if it has one: per-client progress.
         progress: show a tqdm bar per round (clients done, loss, chars/s, ETA).
         log: one-line messages (default: tqdm.write).
+        until: stop after this round instead, as if interrupted there.
     """
     log = log or tqdm.write
     t_start, done_start = time.perf_counter(), state.round
-    while state.round < rounds:
+    stop = rounds if until is None else min(until, rounds)
+    while state.round < stop:
         r = state.round  # rounds done so far; this is round r + 1
         t0 = time.perf_counter()
         ids = sampler.sample(r)
@@ -208,7 +207,7 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
         if on_round is not None:
             on_round(state, row)
         per_round = (time.perf_counter() - t_start) / (state.round - done_start)
-        log(format_row(row) + f"  (eta {_hms(per_round * (rounds - state.round))})")
+        log(format_row(row) + f"  (eta {_hms(per_round * (stop - state.round))})")
     return state
 
 
@@ -244,7 +243,7 @@ def _plain(x):
     return x
 
 
-def _restore(template, plain, where: str = "state"):
+def restore_state(template, plain, where: str = "state"):
     """Rebuild the types of `template` (a fresh algorithm.init state) around saved values."""
     def bad():
         return FedtextError(f"{STATE_FILE}: {where} does not fit this run's algorithm")
@@ -252,16 +251,16 @@ def _restore(template, plain, where: str = "state"):
     if isinstance(template, tuple) and hasattr(template, "_fields"):
         if not isinstance(plain, dict) or set(plain) != set(template._fields):
             raise bad()
-        return type(template)(**{f: _restore(getattr(template, f), plain[f], f"{where}.{f}")
+        return type(template)(**{f: restore_state(getattr(template, f), plain[f], f"{where}.{f}")
                                  for f in template._fields})
     if isinstance(template, dict):
         if not isinstance(plain, dict) or set(plain) != set(template):
             raise bad()
-        return {k: _restore(v, plain[k], f"{where}.{k}") for k, v in template.items()}
+        return {k: restore_state(v, plain[k], f"{where}.{k}") for k, v in template.items()}
     if isinstance(template, list | tuple):
         if not isinstance(plain, list | tuple) or len(plain) != len(template):
             raise bad()
-        return type(template)(_restore(t, p, where) for t, p in zip(template, plain))
+        return type(template)(restore_state(t, p, where) for t, p in zip(template, plain))
     if isinstance(template, torch.Tensor):
         if not isinstance(plain, torch.Tensor) or plain.shape != template.shape:
             raise bad()
@@ -360,251 +359,3 @@ def _trim_metrics(path: Path, last_round: int) -> None:
     rows = [r for r in read_metrics(path) if r["round"] <= last_round]
     if path.exists():
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-# ----------------------------------------------------------------------------- wiring a config
-
-
-def load_initial_model(spec: str, cfg: TrainConfig) -> CharRNN:
-    """--model: "pretrained", "scratch" (seeded init of the config's architecture), a
-    checkpoint directory, or a train/pretrain run directory (its final/ or model/)."""
-    from fedtext.checkpoint import load_checkpoint, resolve_model_spec
-
-    if spec == "scratch":
-        mc = ModelConfig(embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
-                         num_layers=cfg.num_layers, cell=cfg.cell)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return CharRNN(mc)
-    try:
-        model, _ = load_checkpoint(resolve_model_spec(spec))
-    except FedtextError as e:
-        if spec != "pretrained":
-            raise
-        raise FedtextError(f"{e}; pass --model CHECKPOINT (from `fedtext pretrain` or "
-                           "`fedtext convert-keras`) or --model scratch") from None
-    return model
-
-
-def build_algorithm(cfg: TrainConfig, model_config: ModelConfig,
-                    backend=None) -> FederatedAlgorithm:
-    """fed_avg with the client work, server optimizer, aggregator and weighting of `cfg`."""
-    c = cfg.resolved()
-    client = ClientConfig(model=model_config, local_epochs=c.local_epochs,
-                          max_batches=c.max_batches or None, optimizer=c.client_optimizer,
-                          lr=c.client_lr, momentum=c.client_momentum, mu=c.prox_mu)
-    if c.server_optimizer in ("sgd", "sgdm"):
-        server = server_optimizers.sgd(c.server_lr, momentum=c.server_momentum)
-    elif c.server_optimizer == "adagrad":
-        server = server_optimizers.adagrad(c.server_lr, eps=c.server_eps)
-    else:
-        server = server_optimizers.SERVER_OPTIMIZERS[c.server_optimizer](
-            c.server_lr, b1=c.server_b1, b2=c.server_b2, eps=c.server_eps)
-    agg = aggregators.clipped_mean(c.clip_norm) if c.clip_norm else aggregators.mean()
-    return fed_avg(client, server, agg, c.weighting, backend, seed=c.seed)
-
-
-def client_epoch_batches(ids: np.ndarray, epoch: int, seed: int, *, batch_size: int,
-                         seq_len: int, mode: str, shuffle: bool,
-                         max_batches: int | None) -> list:
-    """One client's batches for one local epoch: `partial(client_epoch_batches, ids, **opts)`
-    is the (epoch, seed) -> batches ClientData of client_update, and it pickles."""
-    return client_batches(ids, batch_size=batch_size, seq_len=seq_len, mode=mode,
-                          shuffle_seed=seed + epoch if shuffle else None, max_batches=max_batches)
-
-
-def _min_chars(cfg: TrainConfig) -> int:
-    """Characters a client needs for one batch: a full one, or one target when padding."""
-    return (cfg.seq_len + 1) * cfg.batch_size if cfg.drop_remainder else 2
-
-
-def build_sampler(cfg: TrainConfig, store):
-    """FixedSampler for cfg.clients, else uniform / weighted over clients with a batch."""
-    sizes = np.asarray(store.chars_per_client)
-    need = _min_chars(cfg)
-    if cfg.clients:
-        for cid in cfg.clients:
-            n = store.num_chars(cid)  # raises on an unknown id, with suggestions
-            if n < need:
-                raise FedtextError(f"client {cid} has {n} train chars: no batch of "
-                                   f"{cfg.batch_size}x{cfg.seq_len} without padding (needs "
-                                   f"{need}); drop --drop-remainder or pick another client")
-        return FixedSampler(list(cfg.clients))
-    ok = np.flatnonzero(sizes >= need)
-    ids = [store.client_ids[i] for i in ok]
-    if cfg.clients_per_round > len(ids):
-        raise FedtextError(f"clients_per_round {cfg.clients_per_round} > the {len(ids)} "
-                           f"train clients with a batch of {cfg.batch_size}x{cfg.seq_len}")
-    if cfg.sampling == "weighted":
-        return WeightedSampler(ids, cfg.clients_per_round, sizes[ok].tolist(), cfg.seed)
-    return UniformSampler(ids, cfg.clients_per_round, cfg.seed)
-
-
-def load_data(cfg: TrainConfig, cache_dir=None):
-    from fedtext.data import load_dataset
-
-    return load_dataset(None if cfg.data == "shakespeare" else cfg.data, cache_dir=cache_dir)
-
-
-def data_summary(ds) -> dict:
-    """What resume checks: the same clients and amount of text."""
-    return {"name": ds.name, "train_clients": len(ds.train), "train_chars": ds.train.total_chars,
-            "test_clients": len(ds.test), "test_chars": ds.test.total_chars}
-
-
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """cfg with a model or data path made absolute: the saved config works from anywhere."""
-    changes = {k: str(Path(v).expanduser().resolve()) for k, v in
-               (("model", cfg.model), ("data", cfg.data))
-               if v not in ("pretrained", "scratch", "shakespeare") and Path(v).exists()}
-    return replace(cfg, **changes)
-
-
-def run_is_started(out: Path) -> bool:
-    return (out / STATE_FILE).exists()
-
-
-@dataclass
-class TrainResult:
-    state: ServerState  # the final server state
-    rows: list[dict]  # every metrics row, round 0 first
-    out: Path  # the run directory
-    model: CharRNN  # the trained model (also in out/final)
-    eval_set: EvalSet | None  # what eval_* was measured on
-
-
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-          overrides: Sequence[tuple[str, dict]] = (), model: CharRNN | None = None,
-          dataset=None, cache_dir=None, until_round: int | None = None,
-          progress: bool = True, tensorboard: bool = True, command: str = "",
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) a federated training run into the directory `out`.
-
-    Args:
-        cfg: the config (defaults < TOML < flags, merged by the caller).
-        out: the run directory; must be new or empty unless `resume`.
-        resume: continue the run in `out`. Its saved config is the base and `overrides`
-            (the (where, dict) sources that made `cfg`) go on top; only RESUMABLE fields may
-            differ from what the run was started with.
-        model: the initial model, if already loaded (else from cfg.model).
-        dataset: a FederatedDataset, if already loaded (else from cfg.data).
-        until_round: stop after this round, as if killed there (for tests and slices).
-        progress, tensorboard: per-round bars; TensorBoard events under out/tb.
-        command: the command line, for the final checkpoint's provenance.
-        log: where one-line messages go.
-
-    Returns:
-        TrainResult(state, rows, out, model, eval_set).
-    """
-    out = Path(out)
-    saved = None
-    if resume:
-        saved = load_state(out / STATE_FILE)
-        try:
-            base = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in saved["config"].items()})
-        except (TypeError, FedtextError) as e:
-            raise FedtextError(f"{out / STATE_FILE}: unreadable config ({e})") from None
-        cfg = absolute_paths(merge(base, *overrides))
-        diff = differences(base, cfg)
-        if diff:
-            raise FedtextError(f"--resume: {out} was started with " + ", ".join(diff)
-                               + "; only rounds and eval_every may change (or use another --out)")
-    elif run_is_started(out):
-        done = read_metrics(out / METRICS_FILE)
-        at = done[-1]["round"] if done else 0
-        raise FedtextError(f"{out} already holds a run (round {at}); pass --resume to continue "
-                           "it (with --rounds N to extend it) or choose another --out")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FedtextError(f"{out} exists and is not an empty directory; choose another --out")
-    cfg = absolute_paths(cfg).resolved()
-
-    ds = dataset if dataset is not None else load_data(cfg, cache_dir)
-    summary = data_summary(ds)
-    if saved is not None and saved["data"] != summary:
-        raise FedtextError(f"--resume: the data differs from the run's ({saved['data']} vs "
-                           f"{summary}); use the same --data")
-    sampler = build_sampler(cfg, ds.train)
-    if cfg.eval_client_ids:
-        eval_ids = list(cfg.eval_client_ids)
-        for cid in eval_ids:
-            ds.test.index(cid)  # unknown ids: a FedtextError with suggestions
-    else:
-        eval_ids = eval_sample(ds.test, cfg.eval_clients, cfg.seed)
-    eval_set = build_eval_set(ds.test, eval_ids, cfg.batch_size, cfg.seq_len)
-
-    if saved is not None:
-        model_config = ModelConfig(**saved["model_config"])
-    else:
-        model = model if model is not None else load_initial_model(cfg.model, cfg)
-        model_config = model.config
-    backend = ProgressBackend()
-    algorithm = build_algorithm(cfg, model_config, backend)
-    if saved is not None:
-        # A fresh init state is the template of types (NamedTuples) the saved values fill.
-        template = algorithm.init(saved["server_state"]["params"])
-        state = _restore(template, saved["server_state"])
-        torch.set_rng_state(saved["torch_rng"])
-        name, keys, *rest = saved["numpy_rng"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        log(f"resuming {out} after round {state.round} of {cfg.rounds}")
-    else:
-        state = algorithm.init({k: v.detach() for k, v in model.state_dict().items()})
-
-    mode = "drop_remainder" if cfg.drop_remainder else "padded"
-    opts = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "mode": mode,
-            "shuffle": cfg.shuffle, "max_batches": cfg.max_batches or None}
-
-    def client_data(cid):  # built lazily, in the client job: only its first batches
-        return functools.partial(client_epoch_batches, ds.train.chars(cid), **opts)
-
-    eval_model = cached_model(model_config)
-
-    def evaluate(params):
-        load_params(eval_model, params)
-        return evaluate_eval_set(eval_model, eval_set, progress=progress)
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_toml(cfg, out / CONFIG_FILE, header="fedtext train: the effective configuration of "
-              "this run (flags > --config TOML > defaults).\n`fedtext train --config "
-              f"{out / CONFIG_FILE} --out NEW` repeats it.")
-
-    def extra() -> dict:  # saved beside the server state: what resume checks against
-        return {"config": cfg.to_dict(), "model_config": model_config.to_dict(),
-                "data": summary, "eval_client_ids": eval_ids}
-
-    recorder = RunRecorder(out, extra, state.round, tensorboard)
-    last_precision = gru.get_precision()
-    gru.set_precision(cfg.precision)
-    try:
-        if saved is None:
-            recorder.save(state)  # from here on, --resume works
-        if not any(r["round"] == state.round for r in recorder.rows()) and state.round == 0:
-            t0 = time.perf_counter()
-            row = {"round": 0, "clients": 0, "chars": 0, **evaluate(state.params)}
-            row["seconds"] = row["eval_seconds"] = time.perf_counter() - t0
-            recorder.log_row(row)
-            log(format_row(row) + f"  (before training; eval on {len(eval_ids)} test clients, "
-                f"{eval_set.chars:,} chars)")
-        stop = cfg.rounds if until_round is None else min(until_round, cfg.rounds)
-        state = run_rounds(algorithm, state, sampler, client_data, stop, evaluate=evaluate,
-                           eval_every=cfg.eval_every, on_round=recorder, backend=backend,
-                           progress=progress, log=log)
-    finally:
-        recorder.close()
-        gru.set_precision(last_precision)
-
-    final = CharRNN(model_config)
-    final.load_state_dict(state.params)
-    rows = recorder.rows()
-    if state.round >= cfg.rounds:
-        from fedtext.checkpoint import save_checkpoint
-
-        last_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
-        save_checkpoint(out / FINAL_DIR, final, provenance={
-            "kind": "federated", "base_model": cfg.model, "data": summary["name"],
-            "rounds": state.round, "command": command, "seed": cfg.seed,
-            "config": cfg.to_dict(), "eval_loss": last_eval.get("eval_loss"),
-            "eval_accuracy": last_eval.get("eval_accuracy"),
-        })
-    return TrainResult(state, rows, out, final.eval(), eval_set)

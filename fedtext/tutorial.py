@@ -105,8 +105,9 @@ def run_tutorial(cfg: TrainConfig, out: Path, *, sources=(), resume: bool = Fals
     """
     from fedtext.batching import client_batches, random_text_batches
     from fedtext.evaluate import evaluate_batches
-    from fedtext.experiment import FINAL_DIR, load_data, load_initial_model, train
+    from fedtext.experiment import FINAL_DIR
     from fedtext.generate import generate_text, prompt_ids
+    from fedtext.trainer import load_data, load_initial_model, train
 
     t_start = time.perf_counter()
     prompt_ids(prompt)  # refuse a bad prompt before any work

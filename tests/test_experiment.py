@@ -13,15 +13,9 @@ from fedtext.config import TrainConfig, load_config
 from fedtext.data import load_text_clients
 from fedtext.errors import FedtextError
 from fedtext.evaluate import evaluate_batches
-from fedtext.experiment import (
-    METRICS_FILE,
-    build_eval_set,
-    client_epoch_batches,
-    eval_sample,
-    evaluate_eval_set,
-    train,
-)
+from fedtext.experiment import METRICS_FILE, build_eval_set, eval_sample, evaluate_eval_set
 from fedtext.model import CharRNN, ModelConfig
+from fedtext.trainer import client_epoch_batches, train
 
 WORDS = "the king shall my lord good sir what now thou art love fair night day come go".split()
 
@@ -97,7 +91,7 @@ def test_eval_every_and_tensorboard(data_dir, tmp_path):
 @pytest.mark.parametrize("server", [{}, {"server_optimizer": "adam", "server_lr": 0.01},
                                     {"server_optimizer": "sgdm", "server_lr": 0.5}])
 def test_resume_in_process_is_exact(data_dir, tmp_path, server):
-    cfg = tiny(data_dir, rounds=4, **server)
+    cfg = tiny(data_dir, rounds=4, eval_every=3, **server)
     full = run(cfg, tmp_path / "full")
     part = run(cfg, tmp_path / "part", until_round=2)
     assert part.state.round == 2 and not (tmp_path / "part" / "final").exists()
@@ -105,6 +99,9 @@ def test_resume_in_process_is_exact(data_dir, tmp_path, server):
     for k in full.state.params:
         assert torch.equal(full.state.params[k], resumed.state.params[k])
     assert [r["train_loss"] for r in resumed.rows[1:]] == [r["train_loss"] for r in full.rows[1:]]
+    # Evaluated after rounds 0, 3 and 4 (the last) in both: stopping early forces no eval.
+    assert [r.get("eval_loss") for r in resumed.rows] == [r.get("eval_loss") for r in full.rows]
+    assert [r.get("eval_loss") is not None for r in full.rows] == [True, False, False, True, True]
     assert type(resumed.state.opt_state) is type(full.state.opt_state)
 
 

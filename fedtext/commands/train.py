@@ -175,7 +175,8 @@ def set_threads(n: int | None) -> None:
 
 def train_cmd(args) -> int:
     from fedtext.config import merge
-    from fedtext.experiment import FINAL_DIR, train
+    from fedtext.experiment import FINAL_DIR
+    from fedtext.trainer import train
 
     sources = config_sources(args)
     cfg = merge(TrainConfig(), *sources)
