@@ -308,6 +308,7 @@ class RunRecorder:
     def __init__(self, out: Path, extra: Callable[[], dict], start_round: int = 0,
                  tensorboard: bool = True):
         self.out, self.extra = Path(out), extra
+        self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / METRICS_FILE
         _trim_metrics(self.metrics, start_round)
         self.tb = None

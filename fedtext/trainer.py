@@ -14,6 +14,7 @@ started with other settings (only rounds and eval_every may change).
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -278,8 +279,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         recorder.close()
         gru.set_precision(last_precision)
 
-    final = CharRNN(model_config)
-    final.load_state_dict(state.params)
+    # A copy of the built model, not CharRNN(...): a GRU 1024's orthogonal init takes seconds.
+    final = copy.deepcopy(eval_model)
+    load_params(final, state.params)
     rows = recorder.rows()
     if state.round >= cfg.rounds:
         from fedtext.checkpoint import save_checkpoint
