@@ -13,9 +13,11 @@ Where we differ from the seed, and why: each round samples 10 clients at random 
 first "suggested extension") instead of training the same 3, and short clients are padded and
 masked instead of dropped (most Shakespeare characters have fewer than the 808 characters a
 full batch needs). Held-out evaluation uses a fixed, seeded sample of TUTORIAL_EVAL_CLIENTS
-test clients (~97k characters: enough that one round's change is far above the noise of
-re-sampling, small enough for the 5-minute budget on 2 CPU cores) rather than the seed's 2
-batches of one character.
+test clients rather than the seed's 2 batches of one character: ~97k characters (about 10%
+of the test split), scored in ~5-10 s on 2 CPU cores, so six evaluations fit the 5-minute
+budget. Every round is scored on the same text, so round-to-round differences are the
+model's, not re-sampling noise, and ~97k characters keep a single score within about +-0.003
+of the whole test split's (measured: 0.4604 here vs 0.4582 on all 932k test characters).
 
 `--seed-settings` runs the seed's literal setup for comparison: the same 3 clients every
 round, drop_remainder batching, TFF's NUM_EXAMPLES weighting, evaluation on those 3 clients'
