@@ -264,7 +264,7 @@ def load_checkpoint(path, device="cpu") -> tuple[CharRNN, dict]:
         # Garbage bytes or a cut file: safetensors checks its header against the file size.
         raise bad(f"corrupt or truncated safetensors file ({_one_line(e)})") from None
 
-    model = CharRNN(_model_config(config["model"], bad))
+    model = CharRNN(_model_config(config["model"], bad), init=False)  # weights come next
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

@@ -16,10 +16,17 @@ from fedtext.errors import FedtextError
 COMMAND_MODULES = ["data", "checkpoint", "model", "train"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (a usage dump is noise for a mistyped flag)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedtext import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedtext",
         description="Federated learning of character-level text generators.",
     )

@@ -98,7 +98,8 @@ def cached_model(config: ModelConfig, precision: str = "float32",
     key = (config, precision, device)
     if key not in cache:
         with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
-            cache[key] = CharRNN(config).to(device=device, dtype=PRECISIONS[precision])
+            model = CharRNN(config, init=False)  # weights are loaded before every use
+            cache[key] = model.to(device=device, dtype=PRECISIONS[precision])
     return cache[key]
 
 

@@ -306,7 +306,7 @@ def keras_to_model(w: KerasCharRNN) -> CharRNN:
         sd["rnn.bias_ih_l0"], sd["rnn.bias_hh_l0"] = w.bias[0][perm], w.bias[1][perm]
     else:
         sd["rnn.bias_ih_l0"] = w.bias[perm]  # the one input-side bias; no recurrent bias
-    model = CharRNN(config)
+    model = CharRNN(config, init=False)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
                           strict=True)
     return model.eval()

@@ -51,7 +51,7 @@ class GRU(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 reset_after: bool = True):
+                 reset_after: bool = True, init: bool = True):
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
         self.num_layers, self.reset_after = num_layers, reset_after
@@ -63,7 +63,8 @@ class GRU(nn.Module):
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.zeros(3 * H)))
             if reset_after:
                 self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.zeros(3 * H)))
-        self.reset_parameters()
+        if init:  # skipped when weights are about to be loaded: orthogonal init costs seconds
+            self.reset_parameters()
 
     def reset_parameters(self):
         # Keras' defaults (glorot_uniform kernel, orthogonal recurrent kernel, zero biases):
@@ -126,15 +127,19 @@ class CharRNN(nn.Module):
     run(idx, state) -> (logits, state) carries the recurrent state (text generation).
     """
 
-    def __init__(self, config: ModelConfig = ModelConfig()):
+    def __init__(self, config: ModelConfig = ModelConfig(), init: bool = True):
+        """init=False skips the (slow, for GRU 1024) initialisation: for weights about to be
+        loaded from a checkpoint or broadcast by the server."""
         super().__init__()
         self.config = c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
         if c.cell == "gru":
-            self.rnn = GRU(c.embed_dim, c.hidden_size, c.num_layers, c.reset_after)
+            self.rnn = GRU(c.embed_dim, c.hidden_size, c.num_layers, c.reset_after, init)
         else:
             self.rnn = nn.LSTM(c.embed_dim, c.hidden_size, c.num_layers)  # time-major
         self.head = nn.Linear(c.hidden_size, c.vocab_size)
+        if not init:
+            return
         nn.init.uniform_(self.embedding.weight, -0.05, 0.05)  # Keras' Embedding default
         nn.init.xavier_uniform_(self.head.weight)  # Keras' Dense default
         nn.init.zeros_(self.head.bias)
