@@ -70,8 +70,19 @@ def reference_recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True):
     return torch.stack(out)
 
 
-def _mm_dtype(precision: str):
-    return torch.bfloat16 if precision == "bf16" else None
+def _right_matmul(w: torch.Tensor, precision: str):
+    """f(a) = a @ w^T for the time loop's small (B, K) x (K, N) products, made fast once per
+    sequence. On a CPU the weight goes to oneDNN's blocked layout: for B = 8 rows it runs ~1.7x
+    faster than torch's default fp32 GEMM here (MKL repacks the whole weight on every call).
+    bf16: the weight and each `a` in bfloat16, products returned in float32."""
+    if precision == "bf16":
+        wb = w.t().to(torch.bfloat16).contiguous()
+        return lambda a: (a.to(torch.bfloat16) @ wb).float()
+    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        wm = w.contiguous().to_mkldnn()
+        return lambda a: torch._C._nn.mkldnn_linear(a.contiguous().to_mkldnn(), wm, None).to_dense()
+    wt = w.t().contiguous()
+    return lambda a: a @ wt
 
 
 class _GRUResetAfter(torch.autograd.Function):
@@ -81,16 +92,13 @@ class _GRUResetAfter(torch.autograd.Function):
     def forward(ctx, xp, h0, w_hh, b_hh, precision):
         T, B, H3 = xp.shape
         H = H3 // 3
-        mm = _mm_dtype(precision)
-        w_t = w_hh.t().contiguous()  # (H, 3H): h @ w_t is the recurrent matmul
-        if mm is not None:
-            w_t = w_t.to(mm)
+        recurrent = _right_matmul(w_hh, precision)  # h -> h @ W_hh^T, (B, H) -> (B, 3H)
         hs = xp.new_empty(T + 1, B, H)  # hs[0] = h0, hs[t+1] = h after step t
         gates = xp.new_empty(T, B, 4 * H)  # [r | z | n | hn] per step, for the backward
         hs[0] = h0
         for t in range(T):
             h = hs[t]
-            g = (h.to(mm) @ w_t).float() if mm is not None else h @ w_t  # (B, 3H)
+            g = recurrent(h)  # (B, 3H)
             g += b_hh
             gt = gates[t]
             rz = gt[:, : 2 * H]
@@ -111,8 +119,7 @@ class _GRUResetAfter(torch.autograd.Function):
     def backward(ctx, d_out):
         hs, gates, w_hh = ctx.saved_tensors
         T, B, H = d_out.shape
-        mm = _mm_dtype(ctx.precision)
-        w = w_hh if mm is None else w_hh.to(mm)  # (3H, H): dG @ w is dh through the matmul
+        through_w = _right_matmul(w_hh.t(), ctx.precision)  # dG -> dG @ W_hh: dh via matmul
         d_out = d_out.contiguous()
         dxp = d_out.new_empty(T, B, 3 * H)  # d loss / d xp
         dG = d_out.new_empty(T, B, 3 * H)  # d loss / d (h W_hh^T + b_hh)
@@ -136,8 +143,7 @@ class _GRUResetAfter(torch.autograd.Function):
             dg = dG[t]
             dg[:, : 2 * H].copy_(dx[:, : 2 * H])
             torch.mul(dn_pre, r, out=dg[:, 2 * H:])
-            dh_mm = (dg.to(mm) @ w).float() if mm is not None else dg @ w  # (B, H)
-            dh = torch.addcmul(dh_mm, dh, z)
+            dh = torch.addcmul(through_w(dg), dh, z)  # (B, H)
         dG2 = dG.view(T * B, 3 * H)
         dw_hh = dG2.t() @ hs[:-1].reshape(T * B, H)  # one big matmul for all steps
         db_hh = dG2.sum(0)
@@ -151,15 +157,8 @@ class _GRUResetBefore(torch.autograd.Function):
     def forward(ctx, xp, h0, w_hh, precision):
         T, B, H3 = xp.shape
         H = H3 // 3
-        mm = _mm_dtype(precision)
-        w_rz = w_hh[: 2 * H].t().contiguous()  # (H, 2H)
-        w_n = w_hh[2 * H:].t().contiguous()  # (H, H)
-        if mm is not None:
-            w_rz, w_n = w_rz.to(mm), w_n.to(mm)
-
-        def matmul(a, b):
-            return (a.to(mm) @ b).float() if mm is not None else a @ b
-
+        by_rz = _right_matmul(w_hh[: 2 * H], precision)  # h -> h @ W_rz^T: (B, 2H)
+        by_n = _right_matmul(w_hh[2 * H:], precision)  # rh -> rh @ W_n^T: (B, H)
         hs = xp.new_empty(T + 1, B, H)
         gates = xp.new_empty(T, B, 4 * H)  # [r | z | n | r*h]
         hs[0] = h0
@@ -167,12 +166,12 @@ class _GRUResetBefore(torch.autograd.Function):
             h = hs[t]
             gt = gates[t]
             rz = gt[:, : 2 * H]
-            torch.add(xp[t, :, : 2 * H], matmul(h, w_rz), out=rz)
+            torch.add(xp[t, :, : 2 * H], by_rz(h), out=rz)
             rz.sigmoid_()
             rh = gt[:, 3 * H:]
             torch.mul(gt[:, :H], h, out=rh)
             n = gt[:, 2 * H: 3 * H]
-            torch.add(xp[t, :, 2 * H:], matmul(rh, w_n), out=n)
+            torch.add(xp[t, :, 2 * H:], by_n(rh), out=n)
             n.tanh_()
             torch.addcmul(n, gt[:, H: 2 * H], h - n, out=hs[t + 1])
         ctx.save_for_backward(hs, gates, w_hh)
@@ -183,14 +182,8 @@ class _GRUResetBefore(torch.autograd.Function):
     def backward(ctx, d_out):
         hs, gates, w_hh = ctx.saved_tensors
         T, B, H = d_out.shape
-        mm = _mm_dtype(ctx.precision)
-        w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]  # (2H, H), (H, H)
-        if mm is not None:
-            w_rz, w_n = w_rz.to(mm), w_n.to(mm)
-
-        def matmul(a, b):
-            return (a.to(mm) @ b).float() if mm is not None else a @ b
-
+        through_rz = _right_matmul(w_hh[: 2 * H].t(), ctx.precision)  # (B, 2H) -> (B, H)
+        through_n = _right_matmul(w_hh[2 * H:].t(), ctx.precision)  # (B, H) -> (B, H)
         d_out = d_out.contiguous()
         dxp = d_out.new_empty(T, B, 3 * H)
         drh_all = d_out.new_empty(T, B, H)  # d loss / d (r * h), for dW_n
@@ -207,11 +200,11 @@ class _GRUResetBefore(torch.autograd.Function):
             torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
             dx[:, H: 2 * H].mul_(z * (1 - z))
             drh = drh_all[t]
-            drh.copy_(matmul(dn_pre, w_n))  # (B, H)
+            drh.copy_(through_n(dn_pre))  # (B, H)
             torch.mul(drh, h_prev, out=dx[:, :H])
             dx[:, :H].mul_(r * (1 - r))
             # dh_prev = dh * z + drh * r + [dr_pre, dz_pre] @ W_rz
-            dh = matmul(dx[:, : 2 * H], w_rz).addcmul_(dh, z).addcmul_(drh, r)
+            dh = through_rz(dx[:, : 2 * H]).addcmul_(dh, z).addcmul_(drh, r)
         dx2 = dxp.view(T * B, 3 * H)
         dw_rz = dx2[:, : 2 * H].t() @ hs[:-1].reshape(T * B, H)
         dw_n = dx2[:, 2 * H:].t() @ gates[:, :, 3 * H:].reshape(T * B, H)
