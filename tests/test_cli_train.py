@@ -20,12 +20,7 @@ TINY = ["--model", "scratch", "--embed-dim", "8", "--hidden-size", "16", "--roun
         "40", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ TINY = TrainConfig(model="scratch", embed_dim=8, hidden_size=16, rounds=3, clien
                    max_batches=2, client_lr=1.0, eval_clients=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared CPU stays usable)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from fedtext.config import load_config
 from fedtext.model import CharRNN, ModelConfig
 from fedtext.tutorial import PROMPT, SEED_CLIENTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
