@@ -259,7 +259,8 @@ def recurrence(xp, h0, w_hh, b_hh, reset_after: bool = True, precision: str | No
     if which == "kernel":
         from fedtext import gru_kernel
 
-        return gru_kernel.GRUKernelFunction.apply(xp, h0, w_hh, b_hh)
+        # Under no_grad (evaluation, generation) nothing is kept for a backward.
+        return gru_kernel.GRUKernelFunction.apply(xp, h0, w_hh, b_hh, torch.is_grad_enabled())
     if reset_after:
         return _GRUResetAfter.apply(xp, h0, w_hh, b_hh, precision)
     return _GRUResetBefore.apply(xp, h0, w_hh, precision)

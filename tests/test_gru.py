@@ -188,3 +188,17 @@ def test_kernel_build_failure_is_reported(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("False") and "compiler" in res.stdout
+
+
+@KERNEL
+def test_kernel_no_grad_forward_equals_training_forward():
+    """Under no_grad the kernel keeps nothing for a backward (scratch gates); same numbers."""
+    torch.manual_seed(5)
+    model = CharRNN(ModelConfig(vocab_size=11, embed_dim=6, hidden_size=40))
+    idx = torch.randint(0, 11, (9, 12))
+    gru.set_impl("kernel")
+    with torch.no_grad():
+        a, _ = model.run(idx)
+        model.run(torch.randint(0, 11, (9, 12)))  # reuses the scratch in between
+    b, _ = model.run(idx)
+    assert torch.equal(a, b.detach())
