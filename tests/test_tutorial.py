@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_experiment import make_clients
 
-from fedtext.checkpoint import PRETRAINED_DIR, save_checkpoint
+from fedtext.checkpoint import save_checkpoint
 from fedtext.cli import main
 from fedtext.config import load_config
 from fedtext.model import CharRNN, ModelConfig
@@ -64,8 +64,9 @@ def test_tutorial_seed_settings_on_shakespeare(tiny_ckpt, tmp_path, capsys):
     assert all(r["chars"] == 3 * 2 * 8 * 100 for r in rows[1:])
 
 
-@pytest.mark.skipif((PRETRAINED_DIR / "config.json").exists(), reason="the model ships")
-def test_tutorial_without_the_shipped_model(tmp_path, capsys):
+def test_tutorial_without_the_shipped_model(tmp_path, capsys, monkeypatch):
+    """An installation without the shipped model: one clear line, exit 2."""
+    monkeypatch.setattr("fedtext.checkpoint.PRETRAINED_DIR", tmp_path / "no-model")
     assert main(["tutorial", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedtext: error:") and "--model" in err and "\n" not in err
