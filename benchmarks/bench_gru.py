@@ -15,29 +15,17 @@ we also measure a large torch matmul as the practically reachable rate.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from bench_data import cpu_name  # sibling script: run as benchmarks/bench_gru.py
 
 from fedtext import gru, gru_kernel
 from fedtext.model import CharRNN, ModelConfig
 
 PATHS = [("nn.GRU", "nn", "fp32"), ("torch fp32", "torch", "fp32"),
          ("torch bf16", "torch", "bf16"), ("kernel fp32", "kernel", "fp32")]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def step_timer(model, x, y, impl, precision):

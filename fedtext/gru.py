@@ -85,6 +85,19 @@ def _right_matmul(w: torch.Tensor, precision: str):
     return lambda a: a @ wt
 
 
+def _candidate_and_update_grads(dh, z, n, h_prev, dx):
+    """Both variants' shared step of the backward, for h' = n + z (h - n), written into dx's
+    n and z blocks: dn_pre = dh (1 - z)(1 - n^2), dz_pre = dh (h_prev - n) z (1 - z).
+    Returns the dn_pre view."""
+    H = dh.shape[-1]
+    dn_pre = dx[:, 2 * H:]
+    torch.mul(dh, 1 - z, out=dn_pre)
+    dn_pre.mul_(1 - n * n)
+    torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
+    dx[:, H: 2 * H].mul_(z * (1 - z))
+    return dn_pre
+
+
 class _GRUResetAfter(torch.autograd.Function):
     """reset_after=True recurrence with a hand-written backward (the "torch" path)."""
 
@@ -131,12 +144,7 @@ class _GRUResetAfter(torch.autograd.Function):
             h_prev = hs[t]
             dx = dxp[t]
             # dn_pre = dh * (1 - z) * (1 - n^2)
-            dn_pre = dx[:, 2 * H:]
-            torch.mul(dh, 1 - z, out=dn_pre)
-            dn_pre.mul_(1 - n * n)
-            # dz_pre = dh * (h_prev - n) * z * (1 - z)
-            torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
-            dx[:, H: 2 * H].mul_(z * (1 - z))
+            dn_pre = _candidate_and_update_grads(dh, z, n, h_prev, dx)
             # dr_pre = dn_pre * hn * r * (1 - r)
             torch.mul(dn_pre, hn, out=dx[:, :H])
             dx[:, :H].mul_(r * (1 - r))
@@ -194,11 +202,7 @@ class _GRUResetBefore(torch.autograd.Function):
             r, z, n = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H]
             h_prev = hs[t]
             dx = dxp[t]
-            dn_pre = dx[:, 2 * H:]
-            torch.mul(dh, 1 - z, out=dn_pre)
-            dn_pre.mul_(1 - n * n)
-            torch.mul(dh, h_prev - n, out=dx[:, H: 2 * H])
-            dx[:, H: 2 * H].mul_(z * (1 - z))
+            dn_pre = _candidate_and_update_grads(dh, z, n, h_prev, dx)
             drh = drh_all[t]
             drh.copy_(through_n(dn_pre))  # (B, H)
             torch.mul(drh, h_prev, out=dx[:, :H])
