@@ -1,3 +1,3 @@
-from fedtext.cli import main
+from fedtext.cli.main import main
 
 raise SystemExit(main())

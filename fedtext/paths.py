@@ -18,15 +18,26 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(base) / "fedtext"
 
 
+def ordinary_mode() -> int:
+    """The permissions of an ordinary new file under this process's umask (e.g. 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success rename it over `path` (atomic on POSIX)."""
+    """Yield a temporary path beside `path`; on success rename it over `path` (atomic on POSIX).
+
+    The file gets ordinary permissions (mkstemp's are 0600), so results stay shareable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

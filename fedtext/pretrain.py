@@ -19,18 +19,18 @@ functions:
                        model.safetensors, provenance included): `--model out/model`
 
 Everything that decides what happens next (model and optimizer tensors, the step, the numpy
-batch Generator's state, torch's RNG state) goes into one torch.save file, so
-`--resume` continues bit for bit where an uninterrupted run would be. The learning rate is a pure
-function of the step (no scheduler object to restore).
+batch Generator's state, torch's RNG state, and the running sums of the next metrics row) goes
+into one torch.save file, so `--resume` continues bit for bit where an uninterrupted run would
+be, weights and metrics rows alike. The learning rate is a pure function of the step (no
+scheduler object to restore). The run directory is shared machinery with `fedtext train`
+(fedtext.run.state: checks before work, a lock, atomic writes, metrics trimmed on resume).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -40,14 +40,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedtext import __version__, gru
-from fedtext.batching import Batch, client_batches
-from fedtext.checkpoint import save_checkpoint
+from fedtext import __version__
+from fedtext.data.batching import Batch, client_batches
+from fedtext.data.vocab import TUTORIAL, Vocab
 from fedtext.errors import FedtextError
-from fedtext.evaluate import evaluate_batches
-from fedtext.model import CharRNN, ModelConfig
-from fedtext.paths import atomic_path
-from fedtext.vocab import encode, unknown_chars
+from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig
+from fedtext.model.checkpoint import save_checkpoint
+from fedtext.run.evaluation import evaluate_batches
+from fedtext.run.state import (
+    RunLock,
+    append_row,
+    load_state,
+    prepare_out_dir,
+    save_state,
+    trim_rows,
+)
 
 KJV = "kjv"
 STATE_FILE = "train_state.pt"  # the resumable training state, inside the output directory
@@ -111,7 +118,7 @@ def read_text_file(path: str | Path) -> str:
         raise FedtextError(f"cannot read corpus file {path}: {e.strerror}") from None
 
 
-def load_corpus(sources: list[str] | tuple[str, ...] = (KJV,)) -> Corpus:
+def load_corpus(sources: list[str] | tuple[str, ...] = (KJV,), vocab: Vocab = TUTORIAL) -> Corpus:
     """Encode the corpus: "kjv", or UTF-8 text files concatenated in the order given.
 
     Loading is fast (~0.2 s for the KJV: read, strip, encode), so there is nothing to cache.
@@ -134,7 +141,7 @@ def load_corpus(sources: list[str] | tuple[str, ...] = (KJV,)) -> Corpus:
         text = "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts)
     if not text:
         raise FedtextError(f"corpus {','.join(sources)} is empty")
-    return Corpus(ids=encode(text), sources=sources, oov=unknown_chars(text))
+    return Corpus(ids=vocab.encode(text), sources=sources, oov=vocab.unknown_chars(text))
 
 
 def split_corpus(ids: np.ndarray, val_frac: float, seq_len: int):
@@ -181,6 +188,10 @@ class PretrainConfig:
                 raise FedtextError(f"--{f.replace('_', '-')} must be >= 1, not {getattr(self, f)}")
         if self.lr_decay not in ("cosine", "linear", "none"):
             raise FedtextError(f"--lr-decay must be cosine, linear or none, not {self.lr_decay}")
+        for f in ("lr", "min_lr", "grad_clip", "val_frac"):
+            if not math.isfinite(getattr(self, f)):
+                raise FedtextError(f"--{f.replace('_', '-')} must be a finite number, not "
+                                   f"{getattr(self, f)}")
         if not 0 <= self.val_frac < 0.5:
             raise FedtextError(f"--val-frac must be in [0, 0.5), not {self.val_frac}")
         if self.lr <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
@@ -205,23 +216,12 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- state
 
-
-def save_train_state(path: Path, state: dict) -> None:
-    """torch.save the training state atomically: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a normal file is what we want
+SAVED_KEYS = ("step", "wall_s", "model", "optimizer", "numpy_rng", "torch_rng", "config",
+              "model_config", "corpus")
 
 
 def load_train_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FedtextError(f"--resume: no {STATE_FILE} in {path.parent}") from None
-    except Exception as e:  # a truncated or foreign file
-        raise FedtextError(f"--resume: cannot read {path}: {e}") from None
+    return load_state(path, required=SAVED_KEYS)
 
 
 def check_resume(saved: dict, cfg: PretrainConfig, model_config: ModelConfig,
@@ -249,20 +249,12 @@ def check_resume(saved: dict, cfg: PretrainConfig, model_config: ModelConfig,
     return notes
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (a run that died after its last checkpoint): the resumed
-    run logs those steps again."""
-    if path.exists():
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
-
-
 # ----------------------------------------------------------------------------- training
 
 
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
              model_config: ModelConfig | None = None, corpus: Corpus | None = None, *,
-             resume: bool = False, precision: str = "fp32", until_step: int | None = None,
+             resume: bool = False, compute: Compute = Compute(), until_step: int | None = None,
              command: str | None = None, progress: bool = True, log=print) -> dict:
     """Train a CharRNN centrally on `corpus`, checkpointing into `out`.
 
@@ -272,7 +264,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
         resume they must match the saved ones, except RESUMABLE_CHANGES.
       corpus: the text stream (load_corpus()); default the KJV.
       resume: continue from out/train_state.pt; without it, `out` must not hold a run yet.
-      precision: "fp32" (exact) or "bf16" (the GRU's recurrent matmuls in bfloat16).
+      compute: the recurrence's implementation and precision (fp32 exact, or bf16).
       until_step: stop (with a checkpoint) after this step, as if interrupted there.
       command: the command line, for the checkpoint's provenance.
       progress: show a tqdm bar (loss, chars/s, ETA).
@@ -280,7 +272,14 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     Returns:
       The last metrics row: step, train_loss, val_loss, val_accuracy, chars_per_s, lr, wall_s.
     """
-    out = Path(out)
+    out = prepare_out_dir(out, resume=resume, state_file=STATE_FILE, what="training run")
+    with RunLock(out):
+        return _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, command,
+                         progress, log)
+
+
+def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, command, progress,
+              log) -> dict:
     cfg, model_config = cfg or PretrainConfig(), model_config or ModelConfig()
     corpus = corpus if corpus is not None else load_corpus()
     train, val = split_corpus(corpus.ids, cfg.val_frac, cfg.seq_len)
@@ -290,25 +289,29 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
 
     torch.manual_seed(cfg.seed)
-    model = CharRNN(model_config)
+    model = CharRNN(model_config, compute=compute)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)  # batch positions: its state *is* the data position
     step, wall_s = 0, 0.0
+    # The running sums of the next metrics row (since the last one): saved with the state, so
+    # a run resumed between two rows writes the same next row as an uninterrupted one.
+    acc = {"loss_sum": 0.0, "loss_n": 0, "chars": 0, "t_train": 0.0}
     if resume:
         saved = load_train_state(state_path)
         for note in check_resume(saved, cfg, model_config, corpus, out):
             log(f"note: {note}")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        rng.bit_generator.state = saved["numpy_rng"]
-        torch.set_rng_state(saved["torch_rng"])
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            rng.bit_generator.state = saved["numpy_rng"]
+            torch.set_rng_state(saved["torch_rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            raise FedtextError(f"--resume: {state_path} does not fit this model "
+                               f"({' '.join(str(e).split())[:200]})") from None
         step, wall_s = saved["step"], saved["wall_s"]
-        _trim_metrics(metrics_path, step)
+        acc.update(saved.get("row_sums", {}))
+        trim_rows(metrics_path, "step", step)
         log(f"resuming {out} at step {step}")
-    elif state_path.exists():
-        raise FedtextError(f"{out} already holds a training run; pass --resume to continue it "
-                           f"or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     oov = sum(corpus.oov.values())
     log(f"corpus {corpus.name}: {len(corpus.ids):,} chars ({len(train):,} train, {len(val):,} "
         f"held out), {oov:,} outside the vocabulary" + (f" {_top(corpus.oov)}" if oov else ""))
@@ -321,29 +324,28 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
         return {"val_loss": r.loss, "val_accuracy": r.accuracy}
 
     def checkpoint(row: dict) -> None:
-        save_train_state(state_path, {
+        save_state(state_path, {
             "step": step, "wall_s": wall_s, "fedtext_version": __version__,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "config": asdict(cfg), "model_config": model_config.to_dict(),
             "corpus": {"sources": list(corpus.sources), "chars": len(corpus.ids),
                        "sha256": corpus.fingerprint()},
+            "row_sums": dict(acc),
         })
         save_checkpoint(out / MODEL_DIR, model, provenance={
             "kind": "pretrain", "corpus": corpus.name, "corpus_chars": len(corpus.ids),
             "command": command, "steps": step, "seed": cfg.seed, "config": asdict(cfg),
-            "precision": precision, "metrics_step": row["step"],  # the losses below are of it
+            "precision": compute.precision, "impl": compute.impl,
+            "metrics_step": row["step"],  # the losses below are of it
             "train_loss": row.get("train_loss"),
             "val_loss": row.get("val_loss"), "val_accuracy": row.get("val_accuracy"),
             "fedtext_version": __version__, "wall_time_s": round(wall_s, 1),
         })
 
-    last_precision = gru.get_precision()
-    gru.set_precision(precision)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, desc="pretrain")
     row: dict = {"step": step}
-    loss_sum, loss_n, chars, t_train = 0.0, 0, 0, 0.0  # since the last metrics row
     stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
     try:
         model.train()
@@ -354,6 +356,10 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
                 group["lr"] = lr
             x, y, mask = sample_batch(train, cfg.batch_size, cfg.seq_len, rng)
             _, loss = model(x, y, mask)
+            if not torch.isfinite(loss):
+                raise FedtextError(f"step {step + 1}: the training loss became "
+                                   f"{loss.item()}; stopped (the last checkpoint is kept). "
+                                   "Lower --lr and --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -361,34 +367,35 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
             optimizer.step()
             step += 1
             dt = time.perf_counter() - t0
-            wall_s, t_train, chars = wall_s + dt, t_train + dt, chars + x.numel()
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            wall_s = wall_s + dt
+            acc["t_train"] += dt
+            acc["chars"] += x.numel()
+            acc["loss_sum"] += loss.item()
+            acc["loss_n"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", chars_s=f"{chars / t_train:,.0f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{loss.item():.3f}",
+                            chars_s=f"{acc['chars'] / acc['t_train']:,.0f}", refresh=False)
 
             last = step == stop
             if step % cfg.eval_every == 0 or last:
                 t0 = time.perf_counter()
                 model.eval()
-                row = {"step": step, "train_loss": loss_sum / loss_n, **evaluate_val(),
-                       "chars_per_s": chars / t_train, "lr": lr}
+                row = {"step": step, "train_loss": acc["loss_sum"] / acc["loss_n"],
+                       **evaluate_val(), "chars_per_s": acc["chars"] / acc["t_train"], "lr": lr}
                 model.train()
                 wall_s += time.perf_counter() - t0
                 row["wall_s"] = wall_s
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(metrics_path, row)
                 line = " ".join(f"{k} {_fmt(v)}" for k, v in row.items())
                 if progress:
                     bar.write(line)  # printed above the bar, which stays intact
                 else:
                     log(line)
-                loss_sum, loss_n, chars, t_train = 0.0, 0, 0, 0.0
+                acc = {"loss_sum": 0.0, "loss_n": 0, "chars": 0, "t_train": 0.0}
             if step % cfg.ckpt_every == 0 or last:
                 checkpoint(row)
     finally:
         bar.close()
-        gru.set_precision(last_precision)
     if step == 0 or (resume and "train_loss" not in row):  # nothing to do: report the state
         model.eval()
         row = {"step": step, **evaluate_val()}

@@ -1,0 +1,1 @@
+"""Backends: where `client_update` runs (in process, worker processes, Ray, Flower nodes)."""

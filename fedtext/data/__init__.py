@@ -1,0 +1,1 @@
+"""Data: vocabularies, federated Shakespeare, the packed client store, batching, tasks."""

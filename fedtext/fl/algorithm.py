@@ -1,0 +1,177 @@
+"""Federated Averaging (McMahan et al. 2017) and its adaptive server variants FedAvgM / FedAdagrad
+/ FedAdam / FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization"), as one value-in,
+value-out `FederatedAlgorithm` (FedJAX's contract):
+
+    algorithm = fed_avg(client_config, server_optimizer, aggregator, weighting, backend)
+    state = algorithm.init(params)                        # ServerState, round 0
+    state, metrics = algorithm.apply(state, clients)      # one round
+
+One round, in TFF's four roles (`compose_learning_process`); here they are plain arguments:
+
+    ServerState(params, opt_state, agg_state, round)
+        |  1 broadcast: the same global params to every client of the round
+        v
+    client_update(params, data_i, client_config, seed_i)     2 client work, i = 0..n-1,
+        |  ClientResult(delta_i = params - local_i, metrics_i)     wherever the backend runs it
+        v
+    aggregator.aggregate([(delta_i, w_i), ...], agg_state)    3 aggregate: weighted mean delta
+        |
+        v
+    server_optimizer.update(mean_delta, opt_state, params)    4 server update
+        |
+        v
+    ServerState(params', opt_state', agg_state', round + 1)
+
+With `server_optimizers.sgd(lr=1.0)` step 4 is `params - mean(global - local_i)`: the weighted
+average of the client models, i.e. FedAvg. FedProx is `ClientConfig(prox_mu=...)`. Client i's weight
+w_i comes from its metrics (`aggregators.client_weight`: tokens, examples, uniform or a
+function) and its seed from (seed, round, i), so every backend computes the same round.
+
+Round metrics are pooled over clients from sums (train_loss = total loss_sum / total count,
+never a mean of client means) plus a per-client list for percentiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from fedtext.backends.base import Backend, SequentialBackend, in_order
+from fedtext.errors import FedtextError
+from fedtext.fl import aggregators as agg_lib
+from fedtext.fl import params as P
+from fedtext.fl import server_optimizers
+from fedtext.fl.client import METRIC_SUMS, ClientConfig, ClientData, client_update, summarize
+from fedtext.fl.params import Params
+from fedtext.fl.sampling import client_seed
+
+
+class ServerState(NamedTuple):
+    params: Params  # the global model (a CharRNN state_dict)
+    opt_state: Any  # the server optimizer's state (e.g. AdamState)
+    agg_state: Any  # the aggregator's state
+    round: int  # rounds completed
+
+
+class FederatedAlgorithm(NamedTuple):
+    """init(params) -> ServerState; apply(state, clients) -> (state, metrics). Both pure.
+
+    `clients` is a sequence of (client_id, client_data) pairs; client_data is what
+    `client_update` takes (a list of Batch, or a callable (epoch, seed) -> batches such as
+    fedtext.data.tasks.ClientData). apply's optional `on_result(position, result)` hears of
+    each client as it finishes (a progress bar).
+
+    Example (FedAvg, one round on two tiny clients):
+        >>> import torch
+        >>> from fedtext.data.batching import Batch
+        >>> from fedtext.fl.algorithm import fed_avg
+        >>> from fedtext.fl.client import ClientConfig
+        >>> from fedtext.fl.server_optimizers import sgd
+        >>> from fedtext.model.char_rnn import CharRNN, ModelConfig
+        >>> cfg = ClientConfig(model=ModelConfig(vocab_size=8, embed_dim=4, hidden_size=8))
+        >>> x = torch.randint(0, 8, (2, 5))
+        >>> batch = Batch(x, x, torch.ones(2, 5, dtype=torch.bool))
+        >>> algorithm = fed_avg(cfg, sgd(lr=1.0))
+        >>> state = algorithm.init(CharRNN(cfg.model).state_dict())
+        >>> state, metrics = algorithm.apply(state, [("a", [batch]), ("b", [batch, batch])])
+        >>> state.round, metrics["clients"], metrics["num_batches"], metrics["chars"]
+        (1, 2, 3, 30)
+    """
+
+    init: Callable[[Params], ServerState]
+    apply: Callable[..., tuple[ServerState, dict]]
+
+
+def fed_avg(client_config: ClientConfig,
+            server_optimizer: server_optimizers.ServerOptimizer | None = None,
+            aggregator: agg_lib.Aggregator | None = None,
+            weighting: agg_lib.Weighting = "tokens",
+            backend: Backend | None = None,
+            seed: int = 0,
+            client_fn: Callable = client_update,
+            client_lr: Callable[[int], float] | None = None) -> FederatedAlgorithm:
+    """Build FedAvg (and FedAvgM/FedAdam/FedYogi/FedAdagrad/FedProx, by its arguments).
+
+    Args:
+        client_config: local training (epochs, batch cap, client optimizer, FedProx mu, model).
+        server_optimizer: step on the mean delta; default `sgd(lr=1.0)`, plain FedAvg.
+        aggregator: combines (delta, weight) pairs; default `aggregators.mean()`.
+        weighting: "tokens", "examples" (TFF's NUM_EXAMPLES), "uniform" or metrics -> float.
+        backend: where client work runs (`map`); default `SequentialBackend()`.
+        seed: run seed; client i of round r gets `sampling.client_seed(seed, r, i)`.
+        client_fn: the client work, `client_update` unless you bring your own with its signature.
+        client_lr: round index -> the clients' learning rate (a schedule); default constant.
+
+    Returns:
+        FederatedAlgorithm(init, apply).
+    """
+    server_optimizer = server_optimizer or server_optimizers.sgd(lr=1.0)
+    aggregator = aggregator or agg_lib.mean()
+    backend = backend or SequentialBackend()
+    if isinstance(weighting, str):
+        agg_lib.WEIGHTINGS.check(weighting)
+
+    def init(params: Params) -> ServerState:
+        params = P.clone(params)
+        return ServerState(params, server_optimizer.init(params), aggregator.init(params), 0)
+
+    def apply(state: ServerState, clients: Iterable[tuple[Any, ClientData]],
+              on_result: Callable[[int, Any], None] | None = None):
+        clients = list(clients)
+        if not clients:
+            raise FedtextError("a round needs at least one client")
+        config = client_config
+        if client_lr is not None:
+            config = replace(config, lr=client_lr(state.round))
+        # 1 + 2: broadcast and client work (the backend decides where; results come back in
+        # any order and are put back in client order, so the round never depends on timing).
+        jobs = [{"client_data": data, "seed": client_seed(seed, state.round, i)}
+                for i, (_, data) in enumerate(clients)]
+
+        def arrivals():
+            for i, result in backend.map(client_fn, jobs,
+                                         shared={"global_params": state.params,
+                                                 "config": config}):
+                if on_result is not None:
+                    on_result(i, result)
+                yield i, result
+
+        seen = []  # (metrics, weight) per client, in client order
+
+        def weighted_deltas():
+            for result in in_order(arrivals(), len(jobs)):
+                w = agg_lib.client_weight(result.metrics, weighting)
+                seen.append((result.metrics, w))
+                yield result.delta, w  # the aggregator streams: one delta held at a time
+
+        # 3: aggregate the deltas.
+        try:
+            delta, agg_state = aggregator.aggregate(weighted_deltas(), state.agg_state)
+        except FedtextError as e:
+            raise FedtextError(f"round {state.round + 1}: {e}") from None
+        # 4: server update.
+        params, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+        metrics = round_metrics([m for m, _ in seen], [cid for cid, _ in clients],
+                                [w for _, w in seen])
+        metrics.update(round=state.round, delta_norm=P.global_norm(delta), client_lr=config.lr)
+        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+    return FederatedAlgorithm(init, apply)
+
+
+def round_metrics(client_metrics: Sequence[dict], client_ids: Sequence,
+                  weights: Sequence[float]) -> dict:
+    """Pool the clients' metric sums into the round's metrics (+ a per-client list)."""
+    totals = summarize({k: sum(m[k] for m in client_metrics) for k in METRIC_SUMS})
+    return {
+        "train_loss": totals["loss"],  # token-weighted mean over all clients' batches
+        "train_accuracy": totals["accuracy"],
+        "train_tff_loss": totals["tff_loss"],  # TFF's: batch losses weighted by batch size
+        "num_examples": totals["num_examples"],
+        "num_batches": totals["num_batches"],
+        "chars": totals["count"],  # counted target characters
+        "clients": len(client_metrics),
+        "client_metrics": [{"client_id": cid, "weight": w, **m}
+                           for cid, m, w in zip(client_ids, client_metrics, weights)],
+    }
