@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from fedtext.batching import client_batches
-from fedtext.data import load_shakespeare
+from fedtext.data.batching import client_batches
+from fedtext.data.store import load_shakespeare
 
 
 def cpu_name() -> str:
@@ -48,7 +48,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 FRESH = """import time
-from fedtext.data import load_shakespeare
+from fedtext.data.store import load_shakespeare
 t = time.perf_counter(); load_shakespeare({cache!r}); print(time.perf_counter() - t)"""
 
 
@@ -79,7 +79,7 @@ def batching(store, repeats: int, **kw) -> dict:
 
 
 def train_step_seconds(batch, repeats: int) -> float:
-    from fedtext.model import CharRNN, ModelConfig
+    from fedtext.model.char_rnn import CharRNN, ModelConfig
 
     model = CharRNN(ModelConfig())
 

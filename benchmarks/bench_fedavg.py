@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtext.batching import client_batches
 from fedtext.config import TrainConfig
-from fedtext.experiment import ProgressBackend, RunRecorder, run_rounds
-from fedtext.model import CharRNN, ModelConfig, token_stats
-from fedtext.sampling import FixedSampler
-from fedtext.trainer import build_algorithm, client_epoch_batches
-from fedtext.vocab import TUTORIAL_VOCAB
+from fedtext.data.batching import client_batches
+from fedtext.data.vocab import TUTORIAL_VOCAB
+from fedtext.fl.sampling import FixedSampler
+from fedtext.model.char_rnn import CharRNN, ModelConfig, token_stats
+from fedtext.run.experiment import ProgressBackend, RunRecorder, run_rounds
+from fedtext.run.train import build_algorithm, client_epoch_batches
 
 
 def client_chars(k: int, batches: int, batch_size: int, seq_len: int, seed: int = 0):

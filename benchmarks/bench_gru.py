@@ -22,7 +22,7 @@ import torch
 from bench_data import cpu_name  # sibling script: run as benchmarks/bench_gru.py
 
 from fedtext import gru, gru_kernel
-from fedtext.model import CharRNN, ModelConfig
+from fedtext.model.char_rnn import CharRNN, ModelConfig
 
 PATHS = [("nn.GRU", "nn", "fp32"), ("torch fp32", "torch", "fp32"),
          ("torch bf16", "torch", "bf16"), ("kernel fp32", "kernel", "fp32")]

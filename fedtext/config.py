@@ -369,12 +369,22 @@ def legacy_to_nested(flat: dict, where: str) -> dict:
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
-    """Nested plain dicts for TOML and state files: None left out, tuples as lists."""
+    """Nested plain dicts for TOML and state files: None left out (0 where 0 means "all"),
+    tuples as lists."""
+    nested = _nested(cfg)
+    for f in flag_table():
+        if f.zero_is_none:
+            d = nested
+            for p in f.path[:-1]:
+                d = d[p]
+            if d[f.path[-1]] is None:
+                d[f.path[-1]] = 0
+
     def clean(d):
         return {k: clean(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v
                 for k, v in d.items() if v is not None}
 
-    return clean(_nested(cfg))
+    return clean(nested)
 
 
 def from_dict(d: dict, where: str) -> ExperimentConfig:

@@ -47,14 +47,7 @@ from fedtext.errors import FedtextError
 from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig
 from fedtext.model.checkpoint import save_checkpoint
 from fedtext.run.evaluation import evaluate_batches
-from fedtext.run.state import (
-    RunLock,
-    append_row,
-    load_state,
-    prepare_out_dir,
-    save_state,
-    trim_rows,
-)
+from fedtext.run.state import append_row, load_state, open_run, save_state, trim_rows
 
 KJV = "kjv"
 STATE_FILE = "train_state.pt"  # the resumable training state, inside the output directory
@@ -272,8 +265,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     Returns:
       The last metrics row: step, train_loss, val_loss, val_accuracy, chars_per_s, lr, wall_s.
     """
-    out = prepare_out_dir(out, resume=resume, state_file=STATE_FILE, what="training run")
-    with RunLock(out):
+    with open_run(out, resume=resume, state_file=STATE_FILE, what="training run") as out:
         return _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, command,
                          progress, log)
 

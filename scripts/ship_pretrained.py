@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedtext.checkpoint import PRETRAINED_DIR, load_checkpoint, resolve_model_spec
+from fedtext.model.checkpoint import PRETRAINED_DIR, load_checkpoint, resolve_model_spec
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--history", action="append", default=[], help="a command of the run, "
                     "in order (repeat): a resumed run's provenance keeps only the last one")
     args = ap.parse_args()
-    from fedtext.checkpoint import save_checkpoint
+    from fedtext.model.checkpoint import save_checkpoint
 
     src = resolve_model_spec(args.run)
     model, config = load_checkpoint(src)

@@ -41,8 +41,9 @@ class DataConfig:
     seq_len: int = field(default=100, metadata={
         "help": "characters per sequence (the tutorial's SEQ_LENGTH)"})
     drop_remainder: bool = field(default=False, metadata={
-        "off_flag": "padding", "help": "only full batches, as the tutorial (clients under batch*(seq+1) chars have "
-        "none); the default pads and masks instead, so small clients take part"})
+        "off_flag": "padding", "help": "only full batches, as the tutorial (clients under "
+        "batch*(seq+1) chars have none); the default pads and masks instead, so small "
+        "clients take part"})
     shuffle: bool = field(default=True, metadata={
         "help": "shuffle a client's sequences each epoch (the tutorial's .shuffle)"})
     shuffle_buffer: int = field(default=100, metadata={

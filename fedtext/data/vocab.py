@@ -15,6 +15,7 @@ vocabulary differs maps them with `Vocab.from_store_table` (one 256-entry lookup
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -74,6 +75,11 @@ class Vocab:
         """What pads inputs and masked targets: PAD, or id 0 for a vocabulary without one
         (the mask keeps it from counting; a causal RNN never reads padding back)."""
         return self.pad_id if self.pad_id is not None else 0
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        """character -> id (a copy)."""
+        return dict(self._stoi)
 
     @property
     def itos(self) -> list[str]:
@@ -163,4 +169,6 @@ KERAS = Vocab(TUTORIAL_CHARS)
 
 # The store's encoding (fedtext.data.store): TUTORIAL ids, one byte per character.
 PAD_ID, OOV_ID = TUTORIAL.pad_id, TUTORIAL.oov_id
+STOI = MappingProxyType(TUTORIAL.stoi)  # read-only views of TUTORIAL's tables
+ITOS = tuple(TUTORIAL.itos)
 encode, decode, unknown_chars = TUTORIAL.encode, TUTORIAL.decode, TUTORIAL.unknown_chars

@@ -154,7 +154,8 @@ def fed_avg(client_config: ClientConfig,
         params, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
         metrics = round_metrics([m for m, _ in seen], [cid for cid, _ in clients],
                                 [w for _, w in seen])
-        metrics.update(round=state.round, delta_norm=P.global_norm(delta), client_lr=config.lr)
+        metrics.update(round=state.round, delta_norm=P.global_norm(delta),
+                       client_lr=getattr(config, "lr", None))
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -49,7 +49,7 @@ class ServerOptimizer(NamedTuple):
 
     Example:
         >>> import torch
-        >>> from fedtext import server_optimizers
+        >>> from fedtext.fl import server_optimizers
         >>> opt = server_optimizers.sgd(lr=1.0, momentum=0.5)
         >>> params = {"w": torch.tensor([1.0])}
         >>> state = opt.init(params)

@@ -70,7 +70,7 @@ def save_checkpoint(path, model: CharRNN, provenance: dict | None = None,
     if dtype not in names:
         raise FedtextError(f"checkpoint dtype must be one of {', '.join(DTYPES)}, not {dtype}")
     if vocab.size != model.config.vocab_size:
-        raise FedtextError(f"the vocabulary has {vocab.size} ids but the model "
+        raise FedtextError(f"the vocabulary has {vocab.size} ids but the model has "
                            f"{model.config.vocab_size}")
     if path.exists() and not _replaceable(path):
         raise FedtextError(f"refusing to overwrite {path}: it exists and is not a fedtext "
@@ -277,8 +277,8 @@ def load_checkpoint(path, device="cpu", compute=None) -> tuple[CharRNN, dict]:
         raise bad(f"cannot read: {_one_line(e)}") from None
     want = config.get("weights_sha256")
     if want is not None and hashlib.sha256(data).hexdigest() != want:
-        raise bad(f"content does not match the sha256 in {CONFIG_NAME}: the file was changed "
-                  "or damaged after it was saved")
+        raise bad(f"corrupt: its sha256 does not match the one in {CONFIG_NAME} (the file "
+                  "was changed or damaged after it was saved)")
     try:
         tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

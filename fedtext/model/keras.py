@@ -514,7 +514,7 @@ def export_keras(model: CharRNN, path, vocab: Vocab = TUTORIAL) -> Path:
                 lg = g.create_group(layer)
                 lg.attrs.create("weight_names", [name for name, _ in items], dtype=ascii_)
                 for name, key in items:
-                    lg.create_dataset(f"{layer}/{name}", data=weights[key])
+                    lg.create_dataset(name, data=weights[key])  # e.g. dense/bias:0
             top = g.create_group("top_level_model_weights")
             top.attrs["weight_names"] = np.zeros(0, dtype=np.float64)
     return path

@@ -66,8 +66,8 @@ class ModelSpec:
         if self.init != "scratch":
             given = [f for f in ARCH_FIELDS if getattr(self, f) is not None]
             if given:
-                raise FedtextError(f"{', '.join(given)} describe a new model: they need "
-                                   f"model = 'scratch' (model is {self.init!r})")
+                raise FedtextError(f"{given[0]} describes a new model: it needs model = "
+                                   f"'scratch' (model is {self.init!r})")
 
     def compute(self) -> Compute:
         return Compute(self.impl, self.precision)

@@ -1,8 +1,7 @@
 """Run directories, shared by `fedtext train` and `fedtext pretrain`: nothing half-written,
 nothing lost, one process at a time.
 
-    out = prepare_out_dir(path, resume=False, state_file="state.pt")   # checks, before work
-    with RunLock(out):                                                  # one writer per run
+    with open_run(path, resume=False, state_file="state.pt") as out:   # checks + lock, first
         save_state(out / "state.pt", {...})                            # torch.save, atomic
         append_row(out / "metrics.jsonl", row)                          # one JSON line
         trim_rows(out / "metrics.jsonl", "round", last)                 # on resume
@@ -19,7 +18,9 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,8 +43,11 @@ def prepare_out_dir(out: str | os.PathLike, *, resume: bool, state_file: str,
             raise FedtextError(f"--resume: {out} holds no {what} ({state_file} missing); start "
                                "it without --resume")
     elif (out / state_file).exists():
-        raise FedtextError(f"{out} already holds a {what}; pass --resume to continue it or "
-                           "choose another --out")
+        rows = read_rows(out / "metrics.jsonl")
+        at = next((f" ({k} {rows[-1][k]})" for k in ("round", "step") if rows and k in rows[-1]),
+                  "")
+        raise FedtextError(f"{out} already holds a {what}{at}; pass --resume to continue it "
+                           "or choose another --out")
     elif out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise FedtextError(f"{out} exists and is not an empty directory; choose another --out")
     try:
@@ -54,6 +58,23 @@ def prepare_out_dir(out: str | os.PathLike, *, resume: bool, state_file: str,
     except OSError as e:
         raise FedtextError(f"--out {out}: cannot write there ({e.strerror})") from None
     return out
+
+
+@contextmanager
+def open_run(out: str | os.PathLike, *, resume: bool, state_file: str,
+             what: str = "run") -> Iterator[Path]:
+    """prepare_out_dir + RunLock for the duration; a directory this call created is removed
+    again if the run fails before writing anything into it (a refused run leaves no trace)."""
+    out = Path(out).expanduser()
+    created = not out.exists()
+    out = prepare_out_dir(out, resume=resume, state_file=state_file, what=what)
+    try:
+        with RunLock(out):
+            yield out
+    except BaseException:
+        if created and all(p.name == LOCK_FILE for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 class RunLock:

@@ -42,7 +42,7 @@ from fedtext.run.recorder import (
     RunRecorder,
     restore_rngs,
 )
-from fedtext.run.state import RunLock, load_state, prepare_out_dir, read_rows, restore
+from fedtext.run.state import load_state, open_run, read_rows, restore
 
 SAVED_KEYS = ("server_state", "config", "model_config", "data", "torch_rng", "numpy_rng")
 
@@ -115,8 +115,7 @@ def train(cfg: C.ExperimentConfig, out: str | Path, *, resume: bool = False,
     Returns:
         TrainResult(state, rows, out, model, eval_set).
     """
-    out = prepare_out_dir(out, resume=resume, state_file=STATE_FILE)
-    with RunLock(out):
+    with open_run(out, resume=resume, state_file=STATE_FILE) as out:
         return _train(cfg, out, resume, sources, model, cache_dir, until_round, progress,
                       tensorboard, command, log)
 

@@ -35,6 +35,7 @@ names, all with at least 5 full batches of train text: SEED_CLIENTS.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,14 +89,9 @@ def run_tutorial(cfg: ExperimentConfig, out: Path, *, sources=(), resume: bool =
         progress, tensorboard, command: as for `fedtext train`.
         log: where the report goes.
     """
-    from fedtext.data.batching import random_text_batches
-    from fedtext.data.tasks import TASKS, open_dataset
-    from fedtext.model.generate import generate_text, prompt_ids
-    from fedtext.model.spec import load_initial_model
-    from fedtext.run.evaluation import evaluate_batches
-    from fedtext.run.recorder import FINAL_DIR
+    from fedtext.data.tasks import TASKS
+    from fedtext.model.generate import prompt_ids
     from fedtext.run.state import prepare_out_dir
-    from fedtext.run.train import train
 
     t_start = time.perf_counter()
     task = TASKS[cfg.data.task]
@@ -106,7 +102,27 @@ def run_tutorial(cfg: ExperimentConfig, out: Path, *, sources=(), resume: bool =
     if cfg.eval.every == 0:
         raise FedtextError("the tutorial compares held-out accuracy before and after: it "
                            "needs evaluation (--eval-every >= 1)")
+    created = not Path(out).exists()
     out = prepare_out_dir(out, resume=resume, state_file="state.pt")  # before any work
+    try:
+        return _run(cfg, out, sources, resume, prompt, length, cache_dir, progress,
+                    tensorboard, command, log, task, vocab, t_start)
+    except BaseException:
+        if created and all(p.name == ".lock" for p in out.iterdir()):
+            shutil.rmtree(out)  # a tutorial refused before it started leaves no directory
+        raise
+
+
+def _run(cfg, out, sources, resume, prompt, length, cache_dir, progress, tensorboard, command,
+         log, task, vocab, t_start) -> dict:
+    from fedtext.data.batching import random_text_batches
+    from fedtext.data.tasks import open_dataset
+    from fedtext.model.generate import generate_text
+    from fedtext.model.spec import load_initial_model
+    from fedtext.run.evaluation import evaluate_batches
+    from fedtext.run.recorder import FINAL_DIR
+    from fedtext.run.train import train
+
     cfg = cfg.resolved()
     d, seed = cfg.data, cfg.run.seed
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedtext.data.vocab import OOV_ID, STOI, decode, encode
 from fedtext.errors import FedtextError
-from fedtext.model import ModelConfig
+from fedtext.model.char_rnn import ModelConfig
 from fedtext.pretrain import (
     METRICS_FILE,
     MODEL_DIR,
@@ -21,7 +22,6 @@ from fedtext.pretrain import (
     sample_batch,
     split_corpus,
 )
-from fedtext.vocab import OOV_ID, STOI, decode, encode
 
 TINY = ModelConfig(embed_dim=8, hidden_size=16)
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
@@ -189,7 +189,7 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(FedtextError, match="corpus"):
         pretrain(out, tiny_cfg(steps=4), TINY, other, resume=True, progress=False,
                  log=lambda *_: None)
-    with pytest.raises(FedtextError, match="no train_state.pt"):
+    with pytest.raises(FedtextError, match="holds no training run .train_state.pt missing."):
         run(tmp_path / "empty", tiny_cfg(), resume=True)
     notes = []
     pretrain(out, tiny_cfg(steps=4), TINY, tiny_corpus(), resume=True, progress=False,

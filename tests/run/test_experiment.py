@@ -6,36 +6,22 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import make_clients
 
-from fedtext.batching import client_batches
-from fedtext.checkpoint import load_checkpoint
-from fedtext.config import TrainConfig, load_config
-from fedtext.data import load_text_clients
+from fedtext.config import FLAGS, ExperimentConfig, load_config, merge
+from fedtext.data.batching import client_batches
+from fedtext.data.store import load_text_clients
+from fedtext.data.tasks import TASKS, ClientData, DataConfig
 from fedtext.errors import FedtextError
-from fedtext.evaluate import evaluate_batches
-from fedtext.experiment import METRICS_FILE, build_eval_set, eval_sample, evaluate_eval_set
-from fedtext.model import CharRNN, ModelConfig
-from fedtext.trainer import client_epoch_batches, train
+from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.model.checkpoint import load_checkpoint
+from fedtext.run.evaluation import build_eval_set, eval_sample, evaluate, evaluate_batches
+from fedtext.run.recorder import METRICS_FILE
+from fedtext.run.train import train
 
-WORDS = "the king shall my lord good sir what now thou art love fair night day come go".split()
-
-
-def make_clients(root, n=8, paragraphs=6, seed=0):
-    """n client .txt files of seeded pseudo-English paragraphs (~300 chars each)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for c in range(n):
-        paras = []
-        for _ in range(paragraphs + c % 3):
-            words = rng.choice(WORDS, size=rng.integers(40, 70))
-            paras.append(" ".join(words).capitalize() + ".")
-        (root / f"CLIENT_{c}.txt").write_text("\n\n".join(paras) + "\n")
-    return root
-
-
-TINY = TrainConfig(model="scratch", embed_dim=8, hidden_size=16, rounds=3, clients_per_round=3,
-                   max_batches=2, client_lr=1.0, eval_clients=0)
-
+TINY = {"model": "scratch", "embed-dim": "8", "hidden-size": "16", "rounds": "3",
+        "clients-per-round": "3", "max-batches": "2", "client-lr": "1.0"}
+TUTORIAL_TASK = TASKS["tutorial"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,8 +31,10 @@ def data_dir(tmp_path_factory):
     return make_clients(tmp_path_factory.mktemp("data") / "clients")
 
 
-def tiny(data_dir, **kw):
-    return TrainConfig(**{**TINY.__dict__, "data": str(data_dir), **kw})
+def tiny(data_dir, **flags):
+    """A tiny config on `data_dir`; keyword flags use underscores (client_lr=...)."""
+    given = {**TINY, "data": str(data_dir), **{k.replace("_", "-"): v for k, v in flags.items()}}
+    return merge(ExperimentConfig(), (FLAGS, given))
 
 
 def run(cfg, out, **kw):
@@ -68,7 +56,10 @@ def test_train_writes_rows_config_and_final(data_dir, tmp_path):
         assert 0 <= r["eval_accuracy"] <= 1 and len(r["client_ids"]) == 3
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]  # it learns something
     # The saved config is the effective one; the final model is the trained weights.
-    assert load_config(tmp_path / "run" / "config.toml") == cfg.resolved()
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert saved.client == cfg.client and saved.run == cfg.run and saved.server == cfg.resolved(
+    ).server
+    assert saved.data.source == str(data_dir.resolve())  # made absolute: works from anywhere
     model, meta = load_checkpoint(tmp_path / "run" / "final")
     for k, v in model.state_dict().items():
         assert torch.equal(v, res.state.params[k])
@@ -80,10 +71,22 @@ def test_eval_every_and_tensorboard(data_dir, tmp_path):
                 log=lambda s: None)
     assert [r.get("eval_loss") is not None for r in res.rows] == [True, False, True, True]
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    for r in res.rows:  # every eval row has the per-client distribution
+        if r.get("eval_loss") is not None:
+            assert r["eval_accuracy_p10"] <= r["eval_accuracy_p50"] <= r["eval_accuracy_p90"]
+            assert 0 <= r["eval_unweighted_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("server", [{}, {"server_optimizer": "adam", "server_lr": 0.01},
-                                    {"server_optimizer": "sgdm", "server_lr": 0.5}])
+def test_eval_every_0_turns_evaluation_off(data_dir, tmp_path):
+    res = run(tiny(data_dir, rounds=2, eval_every=0), tmp_path / "run")
+    assert [r["round"] for r in res.rows] == [1, 2]  # no round-0 row either
+    assert all("eval_loss" not in r for r in res.rows) and res.eval_set is None
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("server", [{}, {"server_optimizer": "adam", "server_lr": "0.01"},
+                                    {"server_optimizer": "sgdm", "server_lr": "0.5",
+                                     "server_lr_schedule": "cosine", "client_lr_warmup": "2"}])
 def test_resume_in_process_is_exact(data_dir, tmp_path, server):
     cfg = tiny(data_dir, rounds=4, eval_every=3, **server)
     full = run(cfg, tmp_path / "full")
@@ -112,8 +115,12 @@ def test_resume_after_a_kill_between_row_and_state(data_dir, tmp_path):
 def test_resume_may_extend_rounds(data_dir, tmp_path):
     run(tiny(data_dir, rounds=2), tmp_path / "run")
     res = run(tiny(data_dir, rounds=3), tmp_path / "run", resume=True,
-              overrides=[("command line", {"rounds": 3})])
+              sources=[(FLAGS, {"rounds": "3"})])
     assert res.state.round == 3 and [r["round"] for r in res.rows] == [0, 1, 2, 3]
+    with pytest.raises(FedtextError, match="already finished its 3 rounds"):
+        run(tiny(data_dir, rounds=3), tmp_path / "run", resume=True)
+    with pytest.raises(FedtextError, match="already at round 3, past --rounds 2"):
+        run(tiny(data_dir), tmp_path / "run", resume=True, sources=[(FLAGS, {"rounds": "2"})])
 
 
 def test_refusals(data_dir, tmp_path):
@@ -121,8 +128,8 @@ def test_refusals(data_dir, tmp_path):
     run(cfg, tmp_path / "run")
     with pytest.raises(FedtextError, match="already holds a run.*--resume"):
         run(cfg, tmp_path / "run")
-    with pytest.raises(FedtextError, match=r"was started with client_lr=1.0 \(asked: 0.1\)"):
-        run(cfg, tmp_path / "run", resume=True, overrides=[("cli", {"client_lr": 0.1})])
+    with pytest.raises(FedtextError, match=r"was started with client_lr=1.0 \(asked: 0.1\); only"):
+        run(cfg, tmp_path / "run", resume=True, sources=[(FLAGS, {"client-lr": "0.1"})])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FedtextError, match="not an empty directory"):
@@ -134,28 +141,28 @@ def test_refusals(data_dir, tmp_path):
 
 def test_unknown_and_too_small_clients(data_dir, tmp_path):
     with pytest.raises(FedtextError, match="unknown client 'NOPE'"):
-        run(tiny(data_dir, clients=("NOPE",)), tmp_path / "a")
+        run(tiny(data_dir, clients="NOPE"), tmp_path / "a")
     with pytest.raises(FedtextError, match="no batch of 64x100 without padding"):
-        run(tiny(data_dir, clients=("CLIENT_0",), drop_remainder=True, batch_size=64),
+        run(tiny(data_dir, clients="CLIENT_0", drop_remainder=True, batch_size="64"),
             tmp_path / "b")
     with pytest.raises(FedtextError, match="clients_per_round 50"):
         run(tiny(data_dir, clients_per_round=50), tmp_path / "c")
 
 
 def test_fixed_clients_and_eval_ids(data_dir, tmp_path):
-    res = run(tiny(data_dir, clients=("CLIENT_1", "CLIENT_2"), eval_client_ids=("CLIENT_3",),
-                   rounds=2), tmp_path / "run")
+    res = run(tiny(data_dir, clients="CLIENT_1,CLIENT_2", eval_client_ids="CLIENT_3",
+                   rounds="2"), tmp_path / "run")
     assert all(r["client_ids"] == ["CLIENT_1", "CLIENT_2"] for r in res.rows[1:])
     assert res.eval_set.client_ids == ("CLIENT_3",)
 
 
 def test_eval_set_matches_central_evaluate(data_dir):
     ds = load_text_clients(data_dir)
-    ids = eval_sample(ds.test, 0, seed=0)
-    es = build_eval_set(ds.test, ids, batch_size=8, seq_len=30)
+    ids = eval_sample(ds.test, None, seed=0)
+    es = build_eval_set(ds.test, ids, TUTORIAL_TASK, DataConfig(seq_len=30))
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(embed_dim=8, hidden_size=16))
-    r = evaluate_eval_set(model, es, rows=7)  # chunking must not matter
+    r = evaluate(model, es, rows=7)  # chunking must not matter
     batches = [b for cid in ids for b in client_batches(ds.test.chars(cid), seq_len=30)]
     ref = evaluate_batches(model, batches)
     assert r["eval_chars"] == ref.predictions == es.chars
@@ -171,17 +178,20 @@ def test_eval_sample_is_seeded(data_dir):
     ds = load_text_clients(data_dir)
     a, b = eval_sample(ds.test, 3, seed=1), eval_sample(ds.test, 3, seed=1)
     assert a == b and len(set(a)) == 3
-    assert eval_sample(ds.test, 0, seed=1) == list(ds.test.client_ids)
+    assert eval_sample(ds.test, None, seed=1) == list(ds.test.client_ids)
     assert {tuple(eval_sample(ds.test, 3, seed=s)) for s in range(10)} != {tuple(a)}
 
 
-def test_client_data_is_cheap_and_picklable(data_dir):
-    import functools
-
-    ds = load_text_clients(data_dir)
-    fn = functools.partial(client_epoch_batches, ds.train.chars("CLIENT_0"), batch_size=4,
-                           seq_len=20, mode="padded", shuffle=True, max_batches=3)
-    again = pickle.loads(pickle.dumps(fn))
-    a, b = fn(0, 7), again(0, 7)
+def test_client_data_is_a_small_picklable_name(data_dir):
+    cfg = DataConfig(source=str(data_dir), batch_size=4, seq_len=20)
+    data = ClientData(str(data_dir), "CLIENT_0", cfg, max_batches=3)
+    blob = pickle.dumps(data)
+    assert len(blob) < 1000  # names the data, never carries it
+    again = pickle.loads(blob)
+    a, b = data(0, 7), again(0, 7)
     assert len(a) == 3 and all(torch.equal(x.x, y.x) for x, y in zip(a, b))
-    assert not torch.equal(fn(1, 7)[0].x, a[0].x)  # each epoch reshuffles
+    assert not torch.equal(data(1, 7)[0].x, a[0].x)  # each epoch reshuffles
+    ds = load_text_clients(data_dir)
+    ref = client_batches(ds.train.chars("CLIENT_0"), batch_size=4, seq_len=20,
+                         shuffle_seed=7, max_batches=3)
+    assert all(torch.equal(x.x, y.x) and torch.equal(x.mask, y.mask) for x, y in zip(a, ref))

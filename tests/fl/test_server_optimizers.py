@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from fedtext import params as P
-from fedtext import server_optimizers as so
 from fedtext.errors import FedtextError
+from fedtext.fl import params as P
+from fedtext.fl import server_optimizers as so
 
 
 def _w(v):
@@ -148,9 +148,41 @@ def test_contract(name):
 
 
 def test_registry_and_validation():
-    assert set(so.SERVER_OPTIMIZERS) == {"sgd", "adam", "yogi", "adagrad"}
+    assert set(so.SERVER_OPTIMIZERS) == {"sgd", "sgdm", "adam", "yogi", "adagrad"}
     for bad in (lambda: so.adam(lr=0.1, b1=1.0), lambda: so.yogi(lr=0.1, b2=-0.1),
                 lambda: so.sgd(momentum=1.5), lambda: so.sgd(nesterov=True),
                 lambda: so.yogi(lr=0.1, initial_preconditioner_value=0.0)):
         with pytest.raises(FedtextError):
             bad()
+
+
+def test_server_config_fills_each_optimizers_defaults():
+    assert so.ServerConfig(optimizer="sgdm").resolved().momentum == 0.9
+    assert so.ServerConfig().resolved().momentum == 0.0
+    assert so.ServerConfig(optimizer="yogi").resolved().eps == 1e-3
+    assert so.ServerConfig(optimizer="adam", eps=0.01).resolved().eps == 0.01
+    assert so.ServerConfig(optimizer="adam").resolved().momentum is None
+    with pytest.raises(FedtextError, match="momentum needs optimizer sgd"):
+        so.ServerConfig(optimizer="adam", momentum=0.9)
+    with pytest.raises(FedtextError, match="eps needs optimizer adam"):
+        so.ServerConfig(eps=0.1)
+    with pytest.raises(FedtextError, match="optimizer must be one of"):
+        so.ServerConfig(optimizer="adamw")
+
+
+def test_built_optimizers_follow_their_config():
+    params = {"w": torch.tensor([1.0])}
+    delta = {"w": torch.tensor([0.5])}
+    opt = so.build(so.ServerConfig(optimizer="sgdm", lr=0.5), rounds=10)
+    new, state = opt.update(delta, opt.init(params), params)
+    assert new["w"].item() == 0.75 and state.momentum["w"].item() == 0.5
+    # A cosine schedule over 3 rounds: full rate, half, then min_lr.
+    cfg = so.ServerConfig(lr=1.0, schedule=so.ScheduleConfig(kind="cosine"))
+    opt = so.build(cfg, rounds=2)
+    state, p = opt.init(params), params
+    steps = []
+    for _ in range(3):
+        q, state = opt.update(delta, state, p)
+        steps.append(round((p["w"] - q["w"]).item() / 0.5, 6))
+        p = q
+    assert steps == [1.0, 0.5, 0.0]

@@ -5,15 +5,16 @@ import copy
 import pytest
 import torch
 
-from fedtext import aggregators
-from fedtext import params as P
-from fedtext.batching import Batch
-from fedtext.client import ClientConfig, ClientResult
+from fedtext.backends.base import SequentialBackend
+from fedtext.data.batching import Batch
 from fedtext.errors import FedtextError
-from fedtext.fedavg import SequentialBackend, ServerState, fed_avg
-from fedtext.model import CharRNN, ModelConfig
-from fedtext.sampling import client_seed
-from fedtext.server_optimizers import adam, sgd
+from fedtext.fl import aggregators
+from fedtext.fl import params as P
+from fedtext.fl.algorithm import ServerState, fed_avg
+from fedtext.fl.client import ClientConfig, ClientResult
+from fedtext.fl.sampling import client_seed
+from fedtext.fl.server_optimizers import adam, sgd
+from fedtext.model.char_rnn import CharRNN, ModelConfig
 
 
 def toy_client(global_params, client_data, config, seed):
@@ -103,6 +104,7 @@ def test_state_is_a_value():
 
 class RecordingBackend(SequentialBackend):
     def __init__(self):
+        super().__init__()
         self.calls = []
 
     def map(self, fn, jobs, shared=None):
@@ -125,7 +127,7 @@ def test_errors():
     state = algorithm.init(_w(1.0))
     with pytest.raises(FedtextError, match="at least one client"):
         algorithm.apply(state, [])
-    with pytest.raises(FedtextError, match="weight 0"):
+    with pytest.raises(FedtextError, match="round 1: every client has weight 0"):
         _toy(weighting=lambda m: 0.0).apply(state, CLIENTS)
     with pytest.raises(FedtextError, match="weighting"):
         _toy(weighting="sequences")
@@ -148,7 +150,7 @@ def test_one_client_one_step_equals_central_sgd(cell):
     model = CharRNN(mc)
     batch = _batch(1)
     init = P.clone(model.state_dict())
-    algorithm = fed_avg(ClientConfig(mc, lr=0.5), sgd(lr=1.0))
+    algorithm = fed_avg(ClientConfig(model=mc, lr=0.5), sgd(lr=1.0))
     state, metrics = algorithm.apply(algorithm.init(model.state_dict()), [("only", [batch])])
 
     _, loss = model(batch.x, batch.y, batch.mask)  # the central step on the same batch
@@ -174,7 +176,7 @@ def test_two_clients_fedavg_is_weighted_mean_of_client_models():
             opt.step()
         locals_.append(m.state_dict())
         tokens.append(sum(int(b.mask.sum()) for b in batches))
-    algorithm = fed_avg(ClientConfig(MC, lr=0.5))  # default: server sgd(1.0), token weights
+    algorithm = fed_avg(ClientConfig(model=MC, lr=0.5))  # default: server sgd(1.0), token weights
     state, metrics = algorithm.apply(algorithm.init(model.state_dict()), clients)
     expected = P.weighted_mean(locals_, tokens)
     for k in expected:
@@ -182,10 +184,10 @@ def test_two_clients_fedavg_is_weighted_mean_of_client_models():
     assert metrics["chars"] == sum(tokens) and metrics["num_batches"] == 3
 
 
-def test_clipped_mean_plugs_in():
+def test_norm_bound_plugs_in():
     torch.manual_seed(0)
     params = CharRNN(MC).state_dict()
-    algorithm = fed_avg(ClientConfig(MC, lr=0.5), aggregator=aggregators.clipped_mean(1e-3))
+    algorithm = fed_avg(ClientConfig(model=MC, lr=0.5), aggregator=aggregators.mean(1e-3))
     state, metrics = algorithm.apply(algorithm.init(params), [("a", [_batch(1)])])
     assert metrics["delta_norm"] == pytest.approx(1e-3, rel=1e-4)
     assert state.agg_state.clipped == 1
@@ -194,8 +196,48 @@ def test_clipped_mean_plugs_in():
 def test_docstring_examples_run():
     import doctest
 
-    from fedtext import fedavg, server_optimizers
+    from fedtext.data import vocab
+    from fedtext.fl import algorithm, server_optimizers
 
-    for mod in (fedavg, server_optimizers, aggregators):
+    for mod in (algorithm, server_optimizers, aggregators, vocab):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+class ReversedBackend(SequentialBackend):
+    """Finishes the jobs last to first, as a parallel backend might."""
+
+    def map(self, fn, jobs, shared=None):
+        return reversed(list(super().map(fn, jobs, shared)))
+
+
+def test_results_are_aggregated_in_client_order_whatever_the_arrival_order():
+    torch.manual_seed(0)
+    params = CharRNN(MC).state_dict()
+    clients = [(c, [_batch(i)]) for i, c in enumerate("abcde")]
+    seen = []
+    a = fed_avg(ClientConfig(model=MC, lr=0.5))
+    b = fed_avg(ClientConfig(model=MC, lr=0.5), backend=ReversedBackend())
+    sa, ma = a.apply(a.init(params), clients)
+    sb, mb = b.apply(b.init(params), clients, on_result=lambda i, r: seen.append(i))
+    assert seen == [4, 3, 2, 1, 0]  # progress hears of each client as it finishes
+    for k in sa.params:
+        assert torch.equal(sa.params[k], sb.params[k])  # bit for bit
+    assert [c["client_id"] for c in mb["client_metrics"]] == list("abcde")
+    assert ma["train_loss"] == mb["train_loss"]
+
+
+def test_client_lr_schedule_sets_each_rounds_rate():
+    from fedtext.fl.schedules import ScheduleConfig, schedule
+
+    lr = schedule(ScheduleConfig(kind="step", step_every=1, step_factor=0.5), 1.0, 10)
+    cfg = ClientConfig(model=MC, lr=1.0)
+    torch.manual_seed(0)
+    params = CharRNN(MC).state_dict()
+    algo = fed_avg(cfg, client_lr=lr)
+    state = algo.init(params)
+    rates = []
+    for _ in range(3):
+        state, m = algo.apply(state, [("a", [_batch(1)])])
+        rates.append(m["client_lr"])
+    assert rates == [1.0, 0.5, 0.25]

@@ -3,7 +3,7 @@ import collections
 import pytest
 
 from fedtext.errors import FedtextError
-from fedtext.sampling import (
+from fedtext.fl.sampling import (
     FixedSampler,
     UniformSampler,
     WeightedSampler,

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from fedtext.checkpoint import save_checkpoint
-from fedtext.cli import main
-from fedtext.data import load_shakespeare
-from fedtext.model import CharRNN, ModelConfig
+from fedtext.cli.main import main
+from fedtext.data.store import load_shakespeare
+from fedtext.data.vocab import STOI
+from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.model.checkpoint import save_checkpoint
 from fedtext.pretrain import STATE_FILE, load_train_state
-from fedtext.vocab import STOI
 
 TINY = ["--embed-dim", "8", "--hidden-size", "16"]
 FAST = ["--batch-size", "2", "--seq-len", "8", "--eval-every", "2", "--ckpt-every", "2",
@@ -62,7 +62,7 @@ def test_pretrain_then_resume(tmp_path, corpus, capsys):
     (["--steps", "0"], "--steps"),
     (["--hidden-size", "0"], "hidden_size"),
     (["--threads", "0"], "--threads"),
-    (["--resume"], "no train_state.pt"),
+    (["--resume"], "train_state.pt missing"),
 ])
 def test_pretrain_user_errors(tmp_path, corpus, capsys, argv, message):
     base = ["pretrain", "--out", str(tmp_path / "r"), "--corpus", str(corpus), *TINY, *FAST]

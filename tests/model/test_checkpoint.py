@@ -1,20 +1,21 @@
 """Checkpoints: round trips, atomic overwrite, and refusal of corrupt or mismatched files."""
 
+import hashlib
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtext import checkpoint
-from fedtext.checkpoint import (
+from fedtext.errors import FedtextError
+from fedtext.model import checkpoint
+from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.model.checkpoint import (
     load_checkpoint,
     read_checkpoint_config,
     resolve_model_spec,
     save_checkpoint,
 )
-from fedtext.errors import FedtextError
-from fedtext.model import CharRNN, ModelConfig
 
 
 def tiny(**kw) -> CharRNN:
@@ -145,11 +146,30 @@ def test_other_gru_variant_is_refused(ckpt):
     refused(ckpt, "unexpected tensor", "rnn.bias_hh_l0")
 
 
+def rewrite(ckpt, tensors):
+    """Replace the weights file and its hash, as a tool that knows the format could."""
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    edit_config(ckpt, weights_sha256=hashlib.sha256(
+        (ckpt / "model.safetensors").read_bytes()).hexdigest())
+
+
+def test_flipped_bytes_are_caught_by_the_hash(ckpt):
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-7] ^= 0x01  # one bit of one weight: still a valid file, wrong numbers
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    refused(ckpt, "model.safetensors", "sha256")
+    edit_config(ckpt, weights_sha256=None)  # a checkpoint without a hash (fedtext 0.1) loads
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["weights_sha256"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    load_checkpoint(ckpt)
+
+
 def test_missing_and_extra_tensors_are_refused(ckpt):
     tensors = load_file(str(ckpt / "model.safetensors"))
     del tensors["head.bias"]
     tensors["head.extra"] = torch.zeros(3)
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    rewrite(ckpt, tensors)
     refused(ckpt, "missing tensor(s) head.bias", "unexpected tensor(s) head.extra")
 
 
@@ -157,14 +177,14 @@ def test_missing_and_extra_tensors_are_refused(ckpt):
 def test_non_finite_weights_are_refused(ckpt, bad, fragment):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["head.bias"][3] = bad
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    rewrite(ckpt, tensors)
     refused(ckpt, "head.bias", fragment)
 
 
 def test_integer_weights_are_refused(ckpt):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["head.bias"] = tensors["head.bias"].to(torch.int32)
-    save_file(tensors, str(ckpt / "model.safetensors"))
+    rewrite(ckpt, tensors)
     refused(ckpt, "head.bias", "floating dtype")
 
 
@@ -176,6 +196,7 @@ def test_integer_weights_are_refused(ckpt):
     ({"model": {"hidden_size": "big"}}, "hidden_size must be int"),
     ({"model": {"hidden_size": 0}}, "hidden_size must be >= 1"),
     ({"model": {"vocab_size": 90}}, "vocab_size 90"),
+    ({"vocab": {"pad_id": 3}}, "bad vocabulary"),
     ({"model": {"dropout": 0.1}}, "unknown model field"),
     ({"dtype": "int8"}, "dtype"),
 ])
@@ -207,3 +228,19 @@ def test_resolve_model_spec(ckpt, tmp_path, monkeypatch):
         resolve_model_spec("pretrained")
     monkeypatch.setattr(checkpoint, "PRETRAINED_DIR", ckpt)
     assert resolve_model_spec("pretrained") == ckpt
+
+
+def test_any_vocabulary_round_trips(tmp_path):
+    from fedtext.data.vocab import KERAS, TUTORIAL, Vocab
+    from fedtext.model.checkpoint import checkpoint_vocab
+
+    # An 86-id model (the tutorial's own Keras vocabulary): saved and loaded again.
+    model = CharRNN(ModelConfig(vocab_size=86, embed_dim=4, hidden_size=8))
+    _, config = load_checkpoint(save_checkpoint(tmp_path / "a", model, vocab=KERAS))
+    assert checkpoint_vocab(config) == KERAS
+    reddi = Vocab(TUTORIAL.chars, first_id=1, pad_id=0, oov_id=87, bos_id=88, eos_id=89)
+    model = CharRNN(ModelConfig(vocab_size=90, embed_dim=4, hidden_size=8))
+    _, config = load_checkpoint(save_checkpoint(tmp_path / "b", model, vocab=reddi))
+    assert checkpoint_vocab(config) == reddi
+    with pytest.raises(FedtextError, match="the model has 90"):
+        save_checkpoint(tmp_path / "c", model)  # TUTORIAL has 88

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedtext import vocab
-from fedtext.batching import (
+from fedtext.data import vocab
+from fedtext.data.batching import (
     Batch,
     client_batches,
     kept_counts,
     random_text_batches,
     shuffle_order,
 )
+from fedtext.data.vocab import OOV_ID, PAD_ID
 from fedtext.errors import FedtextError
-from fedtext.vocab import OOV_ID, PAD_ID
 
 
 def ids(n, seed=0):

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from test_experiment import make_clients
+from helpers import make_clients
 
-from fedtext.checkpoint import save_checkpoint
-from fedtext.cli import main
+from fedtext.cli.main import main
 from fedtext.config import load_config
-from fedtext.model import CharRNN, ModelConfig
-from fedtext.tutorial import PROMPT, SEED_CLIENTS
+from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.model.checkpoint import save_checkpoint
+from fedtext.run.tutorial import PROMPT, SEED_CLIENTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,8 @@ def test_tutorial_seed_settings_on_shakespeare(tiny_ckpt, tmp_path, capsys):
     assert "the same 3 clients every round" in out and "(drop_remainder)" in out
     assert "KING_LEAR_KING_LEAR (5 batches)" in out  # the seed's example character
     cfg = load_config(run / "config.toml")
-    assert cfg.clients == SEED_CLIENTS and cfg.drop_remainder and cfg.weighting == "examples"
+    assert cfg.sampling.clients == SEED_CLIENTS and cfg.data.drop_remainder
+    assert cfg.aggregator.weighting == "examples"
     rows = rows_of(run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["client_ids"] == list(SEED_CLIENTS) for r in rows[1:])
@@ -66,7 +67,7 @@ def test_tutorial_seed_settings_on_shakespeare(tiny_ckpt, tmp_path, capsys):
 
 def test_tutorial_without_the_shipped_model(tmp_path, capsys, monkeypatch):
     """An installation without the shipped model: one clear line, exit 2."""
-    monkeypatch.setattr("fedtext.checkpoint.PRETRAINED_DIR", tmp_path / "no-model")
+    monkeypatch.setattr("fedtext.model.checkpoint.PRETRAINED_DIR", tmp_path / "no-model")
     assert main(["tutorial", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedtext: error:") and "--model" in err and "\n" not in err

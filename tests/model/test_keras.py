@@ -15,15 +15,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import REFERENCE
 
-from fedtext.checkpoint import load_checkpoint
-from fedtext.cli import main
+from fedtext.cli.main import main
+from fedtext.data.vocab import OOV_ID, PAD_ID
 from fedtext.errors import FedtextError
-from fedtext.keras_import import load_keras_model, read_keras
-from fedtext.vocab import OOV_ID, PAD_ID
+from fedtext.model.checkpoint import load_checkpoint
+from fedtext.model.keras import load_keras_model, read_keras
 
-# The repo sits beside shared/ (here and in CI).
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REF = REFERENCE
 FALSE_H5 = "keras_char_rnn_small_reset_after_false.h5"
 TRUE_H5 = "keras_char_rnn_small_reset_after_true.h5"
 KERAS_V3 = "keras_char_rnn_small.keras"
@@ -34,9 +34,6 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ref() -> Path:
-    if not (REF / "keras_char_rnn_small_expected.npz").is_file():
-        pytest.skip(f"Keras reference files not found in {REF} (shared/ must sit beside the "
-                    "repository)")
     return REF
 
 
@@ -295,3 +292,96 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
         assert err.startswith("fedtext: error: ") and fragment in err
         assert "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+# --- export: our weights back into the tutorial's Keras file ------------------------------
+
+
+def h5_layout(path) -> dict:
+    """Every group/dataset path with its attributes (value, stored type) and dataset shape and
+    dtype: what Keras' loader reads."""
+    out = {}
+
+    def attrs(obj):
+        got = {}
+        for name in obj.attrs:
+            aid = obj.attrs.get_id(name)
+            t = aid.get_type()
+            kind = (type(t).__name__, t.is_variable_str(), t.get_cset()) \
+                if isinstance(t, h5py.h5t.TypeStringID) else (type(t).__name__,)
+            value = obj.attrs[name]
+            value = value.tolist() if isinstance(value, np.ndarray) else value
+            got[name] = (kind, aid.shape, value)
+        return got
+
+    with h5py.File(path, "r") as f:
+        out["/"] = attrs(f)
+        f.visititems(lambda n, o: out.__setitem__(n, (
+            attrs(o), getattr(o, "shape", None), str(getattr(o, "dtype", "")))))
+    return out
+
+
+@pytest.mark.parametrize("name", [FALSE_H5, TRUE_H5])
+def test_export_writes_the_reference_files_layout(ref, tmp_path, name):
+    from fedtext.model.keras import export_keras
+
+    model, _ = load_keras_model(ref / name)
+    out = export_keras(model, tmp_path / "out.h5")
+    assert h5_layout(out) == h5_layout(ref / name)  # groups, datasets, shapes, attributes
+    with h5py.File(out) as a, h5py.File(ref / name) as b:
+        b.visititems(lambda n, o: np.testing.assert_array_equal(a[n][()], o[()])
+                     if isinstance(o, h5py.Dataset) else None)  # and every weight, bit for bit
+    assert (out.stat().st_mode & 0o777) != 0o600  # an ordinary file, not mkstemp's private one
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_export_then_import_is_bit_identical(tmp_path, reset_after):
+    from fedtext.model.char_rnn import CharRNN, ModelConfig
+    from fedtext.model.keras import export_keras, state_dict_to_keras
+
+    torch.manual_seed(0)
+    # An 86-id model (the Keras vocabulary) round-trips whole.
+    from fedtext.data.vocab import KERAS
+
+    m86 = CharRNN(ModelConfig(vocab_size=86, embed_dim=8, hidden_size=16,
+                              reset_after=reset_after))
+    back, _ = load_keras_model(export_keras(m86, tmp_path / "a.h5", KERAS))
+    w_in, w_back = state_dict_to_keras(m86.state_dict()), state_dict_to_keras(back.state_dict())
+    for k in w_in:
+        np.testing.assert_array_equal(w_back[k], w_in[k])
+    # An 88-id model trained by fedtext: the 86 characters' weights round-trip bit for bit;
+    # PAD/OOV are not part of the Keras model (re-imported as zero rows and a -1e4 bias).
+    m88 = CharRNN(ModelConfig(embed_dim=8, hidden_size=16, reset_after=reset_after))
+    back, _ = load_keras_model(export_keras(m88, tmp_path / "b.h5"))
+    a, b = m88.state_dict(), back.state_dict()
+    for k in a:
+        if k in ("embedding.weight", "head.weight", "head.bias"):
+            assert torch.equal(a[k][:86], b[k][:86])
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_export_refuses_what_keras_cannot_hold(tmp_path):
+    from fedtext.model.char_rnn import CharRNN, ModelConfig
+    from fedtext.model.keras import export_keras
+
+    with pytest.raises(FedtextError, match="one-layer GRU"):
+        export_keras(CharRNN(ModelConfig(embed_dim=4, hidden_size=8, cell="lstm")),
+                     tmp_path / "x.h5")
+    with pytest.raises(FedtextError, match="one-layer GRU"):
+        export_keras(CharRNN(ModelConfig(embed_dim=4, hidden_size=8, num_layers=2)),
+                     tmp_path / "x.h5")
+
+
+def test_cli_export_keras(ref, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert-keras", str(ref / FALSE_H5), str(ckpt)]) == 0
+    out = tmp_path / "exported.h5"
+    assert main(["export-keras", str(ckpt), str(out)]) == 0
+    assert "reset_after=False" in capsys.readouterr().out
+    assert h5_layout(out) == h5_layout(ref / FALSE_H5)
+    assert main(["export-keras", str(ckpt), str(out)]) == 2  # exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["export-keras", str(ckpt), str(out), "--force"]) == 0
+    assert main(["export-keras", str(tmp_path / "nope"), str(out), "--force"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err

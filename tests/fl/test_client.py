@@ -5,11 +5,11 @@ import pickle
 import pytest
 import torch
 
-from fedtext import params as P
-from fedtext.batching import Batch
-from fedtext.client import ClientConfig, ClientResult, cached_model, client_update
+from fedtext.data.batching import Batch
 from fedtext.errors import FedtextError
-from fedtext.model import CharRNN, ModelConfig
+from fedtext.fl import params as P
+from fedtext.fl.client import ClientConfig, ClientResult, cached_model, client_update
+from fedtext.model.char_rnn import CharRNN, ModelConfig
 
 MC = ModelConfig(vocab_size=12, embed_dim=8, hidden_size=16)
 
@@ -48,7 +48,7 @@ def test_delta_and_metrics_match_plain_training():
     model = _model()
     batches = [_batch(1), _batch(2, pad_rows=1), _batch(3)]
     global_params = P.clone(model.state_dict())
-    res = client_update(global_params, batches, ClientConfig(MC, lr=0.5), seed=0)
+    res = client_update(global_params, batches, ClientConfig(model=MC, lr=0.5), seed=0)
 
     stats = _train_by_hand(model, batches, lr=0.5)
     for k, v in model.state_dict().items():
@@ -66,16 +66,17 @@ def test_delta_and_metrics_match_plain_training():
     assert m["accuracy"] == m["correct"] / m["count"]
     assert m["tff_loss"] == pytest.approx(m["batch_loss_sum"] / 11)
     # The first batch's loss is the *initial* model's (pre-step metrics, as TFF).
-    first = client_update(global_params, batches[:1], ClientConfig(MC), seed=0).metrics["loss"]
+    first = client_update(global_params, batches[:1], ClientConfig(model=MC),
+                          seed=0).metrics["loss"]
     assert first == pytest.approx(_model()(batches[0].x, batches[0].y, batches[0].mask)[1].item())
 
 
 def test_global_params_untouched_and_no_state_leaks_between_clients():
     gp = P.clone(_model().state_dict())
     saved = P.clone(gp)
-    a = client_update(gp, [_batch(1)], ClientConfig(MC, momentum=0.9), seed=0)
-    client_update(P.scale(gp, 0.5), [_batch(2), _batch(3)], ClientConfig(MC, momentum=0.9), 1)
-    again = client_update(gp, [_batch(1)], ClientConfig(MC, momentum=0.9), seed=0)
+    a = client_update(gp, [_batch(1)], ClientConfig(model=MC, momentum=0.9), seed=0)
+    client_update(P.scale(gp, 0.5), [_batch(2), _batch(3)], ClientConfig(model=MC, momentum=0.9), 1)
+    again = client_update(gp, [_batch(1)], ClientConfig(model=MC, momentum=0.9), seed=0)
     for k in gp:
         assert torch.equal(gp[k], saved[k])
         assert torch.equal(a.delta[k], again.delta[k])
@@ -87,7 +88,7 @@ def test_global_params_untouched_and_no_state_leaks_between_clients():
 def test_epochs_and_max_batches_per_epoch():
     gp = P.clone(_model().state_dict())
     batches = [_batch(i) for i in range(4)]
-    res = client_update(gp, batches, ClientConfig(MC, local_epochs=3, max_batches=2), seed=0)
+    res = client_update(gp, batches, ClientConfig(model=MC, local_epochs=3, max_batches=2), seed=0)
     assert res.metrics["num_batches"] == 6  # 2 batches (the .take(2)) in each of 3 epochs
     model = _model()
     _train_by_hand(model, batches[:2] * 3, lr=0.5)
@@ -103,15 +104,16 @@ def _epoch_data(epoch, seed, calls):
 def test_callable_client_data_gets_epoch_and_seed():
     calls = []
     data = functools.partial(_epoch_data, calls=calls)
-    res = client_update(P.clone(_model().state_dict()), data, ClientConfig(MC, local_epochs=2), 7)
+    res = client_update(P.clone(_model().state_dict()), data,
+                        ClientConfig(model=MC, local_epochs=2), 7)
     assert calls == [(0, 7), (1, 7)] and res.metrics["num_batches"] == 2
 
 
 def test_fedprox_adds_proximal_gradient():
     batches = [_batch(1), _batch(2), _batch(3)]
     gp = P.clone(_model().state_dict())
-    res = client_update(gp, batches, ClientConfig(MC, lr=0.5, mu=0.3), seed=0)
-    plain = client_update(gp, batches, ClientConfig(MC, lr=0.5), seed=0)
+    res = client_update(gp, batches, ClientConfig(model=MC, lr=0.5, prox_mu=0.3), seed=0)
+    plain = client_update(gp, batches, ClientConfig(model=MC, lr=0.5), seed=0)
     model = _model()
     _train_by_hand(model, batches, lr=0.5, mu=0.3)
     for k, v in model.state_dict().items():
@@ -120,8 +122,8 @@ def test_fedprox_adds_proximal_gradient():
 
 
 @pytest.mark.parametrize("cfg", [
-    ClientConfig(MC, optimizer="adam", lr=0.01),
-    ClientConfig(MC, optimizer="adagrad", lr=0.1),
+    ClientConfig(model=MC, optimizer="adam", lr=0.01),
+    ClientConfig(model=MC, optimizer="adagrad", lr=0.1),
 ])
 def test_other_optimizers_train(cfg):
     gp = P.clone(_model().state_dict())
@@ -129,7 +131,7 @@ def test_other_optimizers_train(cfg):
     res = client_update(gp, batches, cfg, seed=0)
     assert all(torch.isfinite(d).all() and d.dtype == torch.float32 for d in res.delta.values())
     assert P.global_norm(res.delta) > 0
-    after = client_update(P.sub(gp, res.delta), batches[:1], ClientConfig(MC), 0)
+    after = client_update(P.sub(gp, res.delta), batches[:1], ClientConfig(model=MC), 0)
     assert after.metrics["loss"] < res.metrics["loss"]  # training on one batch lowers its loss
 
 
@@ -149,8 +151,8 @@ def _float64_works() -> bool:
 def test_float64_precision_agrees_with_float32():
     gp = P.clone(_model().state_dict())
     batches = [_batch(1), _batch(2)]
-    r32 = client_update(gp, batches, ClientConfig(MC), seed=0)
-    r64 = client_update(gp, batches, ClientConfig(MC, precision="float64"), seed=0)
+    r32 = client_update(gp, batches, ClientConfig(model=MC), seed=0)
+    r64 = client_update(gp, batches, ClientConfig(model=MC, dtype="float64"), seed=0)
     for k in gp:
         assert r64.delta[k].dtype == torch.float32
         torch.testing.assert_close(r64.delta[k], r32.delta[k], atol=1e-5, rtol=1e-4)
@@ -158,7 +160,7 @@ def test_float64_precision_agrees_with_float32():
 
 def test_empty_client_has_zero_delta_and_weight():
     gp = P.clone(_model().state_dict())
-    res = client_update(gp, [], ClientConfig(MC), seed=0)
+    res = client_update(gp, [], ClientConfig(model=MC), seed=0)
     assert res.weight == 0.0 and res.metrics["num_batches"] == 0
     assert P.global_norm(res.delta) == 0.0
 
@@ -167,11 +169,11 @@ def test_wrong_params_are_reported():
     gp = P.clone(_model().state_dict())
     del gp["head.bias"]
     with pytest.raises(FedtextError, match="head.bias"):
-        client_update(gp, [_batch(1)], ClientConfig(MC), seed=0)
+        client_update(gp, [_batch(1)], ClientConfig(model=MC), seed=0)
 
 
 def test_everything_pickles():
-    cfg = ClientConfig(MC, mu=0.1)
+    cfg = ClientConfig(model=MC, prox_mu=0.1)
     assert pickle.loads(pickle.dumps(client_update)) is client_update
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     res = client_update(P.clone(_model().state_dict()), [_batch(1)], cfg, seed=0)
@@ -180,12 +182,13 @@ def test_everything_pickles():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(optimizer="rmsprop"), dict(precision="float16"), dict(local_epochs=0),
-    dict(max_batches=0), dict(lr=0.0), dict(mu=-1.0), dict(optimizer="adam", momentum=0.9),
+    dict(optimizer="rmsprop"), dict(dtype="float16"), dict(local_epochs=0),
+    dict(max_batches=0), dict(lr=0.0), dict(prox_mu=-1.0), dict(optimizer="adam", momentum=0.9),
+    dict(lr=float("inf")), dict(lr=float("nan")),
 ])
 def test_config_validation(kwargs):
     with pytest.raises(FedtextError):
-        ClientConfig(MC, **kwargs)
+        ClientConfig(model=MC, **kwargs)
 
 
 def test_building_the_cached_model_leaves_the_global_rng_alone():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from fedtext.data.vocab import ITOS, PAD_ID, encode
 from fedtext.errors import FedtextError
-from fedtext.generate import generate_text, stream_text
-from fedtext.model import CharRNN, ModelConfig
-from fedtext.vocab import ITOS, PAD_ID, encode
+from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.model.generate import generate_text, stream_text
 
 PROMPT = "What of TensorFlow Federated, you ask? "
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedtext import params as P
+from fedtext.fl import params as P
 
 
 def _p(a, b):

@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from fedtext import shakespeare as sh
-from fedtext import vocab
-from fedtext.data import load_shakespeare
+from fedtext.data import shakespeare as sh
+from fedtext.data import vocab
+from fedtext.data.store import load_shakespeare
 from fedtext.errors import FedtextError
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_experiment import make_clients
+from helpers import make_clients
 
-from fedtext.checkpoint import load_checkpoint
-from fedtext.cli import main
+from fedtext.cli.main import main
+from fedtext.model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "scratch", "--embed-dim", "8", "--hidden-size", "16", "--rounds", "3",
@@ -68,18 +68,18 @@ def test_train_cli_outputs_and_plot(data_dir, tmp_path, capsys):
 
 def test_cli_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text("client_lrr = 0.1\n")
+    bad.write_text("client_lrr = 0.1\n")  # a fedtext 0.1 flat file with a typo
     assert fedtext("train", "--out", tmp_path / "a", "--config", bad) == 2
     one_line_error(capsys, "bad.toml: unknown key 'client_lrr' (did you mean 'client_lr'?)")
     bad.write_text("rounds = -3\n")
     assert fedtext("train", "--out", tmp_path / "a", "--config", bad) == 2
-    one_line_error(capsys, "bad.toml: rounds must be >= 1, not -3")
+    one_line_error(capsys, "bad.toml: [run] rounds must be >= 1, not -3")
     assert fedtext("train", "--out", tmp_path / "a", "--rounds", "0") == 2
     one_line_error(capsys, "--rounds must be >= 1, not 0")
     assert fedtext("train", "--out", tmp_path / "a", "--seq-len", "ten") == 2
     one_line_error(capsys, "--seq-len must be an integer, not 'ten'")
     assert fedtext("train", "--out", tmp_path / "a", "--hidden-size", "8") == 2
-    one_line_error(capsys, "need model = 'scratch'")
+    one_line_error(capsys, "needs model = 'scratch'")
     assert fedtext("train", "--out", tmp_path / "a", "--model", tmp_path / "nope") == 2
     one_line_error(capsys, "no such checkpoint")
     assert fedtext("train", "--out", tmp_path / "a", "--data", data_dir, *TINY,

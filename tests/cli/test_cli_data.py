@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from fedtext.cli import main
-from fedtext.data import load_shakespeare
+from fedtext.cli.main import main
+from fedtext.data.store import load_shakespeare
 
 
 @pytest.fixture(scope="session")

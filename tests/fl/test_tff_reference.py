@@ -1,33 +1,33 @@
 """One round of our fed_avg against one round of real TensorFlow Federated FedAvg.
 
-The reference (shared/reference/fedavg_round_small.npz, see its README) is TFF 0.87's
+The reference (tests/reference/fedavg_round_small.npz, see its README) is TFF 0.87's
 build_weighted_fed_avg on Embedding(86,16) -> GRU(64, reset_after=True) -> Dense(86): 3 clients
 x 5 batches of (8, 100), client SGD lr 0.5, server SGD lr 1.0, NUM_EXAMPLES weighting. We start
 from the same Keras weights, run one round on the same batches, and compare the new global
 weights and the round's loss / accuracy / counts.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import REFERENCE
 
-from fedtext.batching import Batch
-from fedtext.client import ClientConfig
-from fedtext.fedavg import fed_avg
-from fedtext.model import ModelConfig
-from fedtext.server_optimizers import sgd
+from fedtext.data.batching import Batch
+from fedtext.fl.algorithm import fed_avg
+from fedtext.fl.client import ClientConfig
+from fedtext.fl.server_optimizers import sgd
+from fedtext.model.char_rnn import ModelConfig
+from fedtext.model.keras import keras_to_state_dict, state_dict_to_keras
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "fedavg_round_small.npz"
-pytestmark = pytest.mark.skipif(not REF.exists(), reason=f"TFF reference data missing: {REF}")
+REF = REFERENCE / "fedavg_round_small.npz"
 
 H = 64
 PERM = np.r_[H:2 * H, 0:H, 2 * H:3 * H]  # Keras gate blocks [z|r|h] -> torch [r|z|n]
 INV = np.argsort(PERM)
 
 
-def keras_to_torch(w: dict) -> dict:
+def hand_keras_to_torch(w: dict) -> dict:
+    """The mapping written out by hand, to check the library's against."""
     t = {
         "embedding.weight": w["embedding.embeddings"],
         "rnn.weight_ih_l0": w["gru.kernel"][:, PERM].T,  # (3H, E)
@@ -40,16 +40,12 @@ def keras_to_torch(w: dict) -> dict:
     return {k: torch.tensor(np.ascontiguousarray(v)) for k, v in t.items()}
 
 
+def keras_to_torch(w: dict) -> dict:
+    return keras_to_state_dict(w, vocab_size=86)
+
+
 def torch_to_keras(p: dict) -> dict:
-    n = {k: v.numpy() for k, v in p.items()}
-    return {
-        "embedding.embeddings": n["embedding.weight"],
-        "gru.kernel": n["rnn.weight_ih_l0"].T[:, INV],
-        "gru.recurrent_kernel": n["rnn.weight_hh_l0"].T[:, INV],
-        "gru.bias": np.stack([n["rnn.bias_ih_l0"][INV], n["rnn.bias_hh_l0"][INV]]),
-        "dense.kernel": n["head.weight"].T,
-        "dense.bias": n["head.bias"],
-    }
+    return state_dict_to_keras(p)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +55,9 @@ def ref():
 
 def test_mapping_round_trips(ref):
     init = {k[5:]: v for k, v in ref.items() if k.startswith("init.")}
+    hand = hand_keras_to_torch(init)
+    lib = keras_to_torch(init)
+    assert hand.keys() == lib.keys() and all(torch.equal(hand[k], lib[k]) for k in hand)
     back = torch_to_keras(keras_to_torch(init))
     assert back.keys() == init.keys()
     for k in init:
@@ -72,7 +71,7 @@ def test_one_round_matches_tff(ref):
     clients = [(str(cid), [Batch(x[c, b], y[c, b], ones) for b in range(x.shape[1])])
                for c, cid in enumerate(ref["client_ids"])]
 
-    cfg = ClientConfig(ModelConfig(vocab_size=86, embed_dim=16, hidden_size=H), lr=0.5)
+    cfg = ClientConfig(model=ModelConfig(vocab_size=86, embed_dim=16, hidden_size=H), lr=0.5)
     algorithm = fed_avg(cfg, sgd(lr=1.0), weighting="examples")
     state, metrics = algorithm.apply(algorithm.init(keras_to_torch(init)), clients)
 
@@ -104,7 +103,7 @@ def test_pre_step_batch_losses_match_keras_replay(ref):
     init = {k[5:]: v for k, v in ref.items() if k.startswith("init.")}
     x, y = torch.from_numpy(ref["x"]), torch.from_numpy(ref["y"])
     ones = torch.ones(x.shape[2:], dtype=torch.bool)
-    cfg = ClientConfig(ModelConfig(vocab_size=86, embed_dim=16, hidden_size=H), lr=0.5,
+    cfg = ClientConfig(model=ModelConfig(vocab_size=86, embed_dim=16, hidden_size=H), lr=0.5,
                        max_batches=1)
     algorithm = fed_avg(cfg, weighting="examples")
     clients = [(c, [Batch(x[c, b], y[c, b], ones) for b in range(5)]) for c in range(3)]

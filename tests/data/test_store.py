@@ -7,8 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from fedtext import data, shakespeare, vocab
-from fedtext.data import ClientStore, dataset_stats, load_shakespeare, load_text_clients
+from fedtext.data import shakespeare, vocab
+from fedtext.data import store as data
+from fedtext.data.store import ClientStore, dataset_stats, load_shakespeare, load_text_clients
 from fedtext.errors import FedtextError
 
 
