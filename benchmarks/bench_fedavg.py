@@ -7,9 +7,9 @@ For each workload (K clients x B batches of 8 x 100, K in --clients), in one pro
 
   plain   one CharRNN and one SGD(lr 0.5) train the K * B batches in a plain Python loop
           (forward, masked loss, backward, step): the cost of the arithmetic alone;
-  round   one round of `fedtext train`'s loop on the same batches: experiment.run_rounds
-          with trainer.build_algorithm (fed_avg: broadcast, client_update per client with
-          its batches built from the client's char ids, aggregation, server step), the
+  round   one round of `fedtext train`'s loop on the same batches: run.experiment.run_rounds
+          with fl.algorithm.fed_avg (broadcast, client_update per client with its batches
+          built from the client's char ids in a packed store, aggregation, server step), the
           metrics row (metrics.jsonl + TensorBoard) and the atomic state checkpoint.
           Evaluation is off (it is not part of a round's training cost).
 
@@ -30,21 +30,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtext.config import TrainConfig
 from fedtext.data.batching import client_batches
-from fedtext.data.vocab import TUTORIAL_VOCAB
+from fedtext.data.store import ClientStore
+from fedtext.data.tasks import TASKS, DataConfig
+from fedtext.data.vocab import TUTORIAL
+from fedtext.fl import aggregators, server_optimizers
+from fedtext.fl.algorithm import fed_avg
+from fedtext.fl.client import ClientConfig
 from fedtext.fl.sampling import FixedSampler
 from fedtext.model.char_rnn import CharRNN, ModelConfig, token_stats
-from fedtext.run.experiment import ProgressBackend, RunRecorder, run_rounds
-from fedtext.run.train import build_algorithm, client_epoch_batches
+from fedtext.run.experiment import run_rounds
+from fedtext.run.recorder import RunRecorder
 
 
-def client_chars(k: int, batches: int, batch_size: int, seq_len: int, seed: int = 0):
-    """k clients with exactly `batches` full batches of random text each (uint8 ids)."""
+def client_store(k: int, batches: int, batch_size: int, seq_len: int, seed: int = 0):
+    """k clients with exactly `batches` full batches of random text each, packed as a store."""
     rng = np.random.default_rng(seed)
     n = batches * batch_size * (seq_len + 1)
-    return {f"client_{i}": rng.integers(0, len(TUTORIAL_VOCAB), n, dtype=np.uint8)
-            for i in range(k)}
+    return ClientStore.from_texts({f"client_{i}": [TUTORIAL.decode(rng.integers(
+        0, len(TUTORIAL.chars), n))] for i in range(k)})
 
 
 def plain_loop(model: CharRNN, all_batches: list, lr: float) -> float:
@@ -61,31 +65,37 @@ def plain_loop(model: CharRNN, all_batches: list, lr: float) -> float:
     return time.perf_counter() - t0
 
 
+def store_batches(store, cid, epoch, seed, *, cfg, max_batches):
+    """The tutorial task's batches of one client (what ClientData does, on an in-memory store)."""
+    del epoch, seed  # no shuffling: the plain loop trains the same batches in the same order
+    return TASKS["tutorial"].batches(store, cid, cfg, None, max_batches)
+
+
 def bench(k: int, args, model_config: ModelConfig, out: Path) -> dict:
-    cfg = TrainConfig(max_batches=args.batches, batch_size=args.batch_size,
-                      seq_len=args.seq_len, shuffle=False, clients_per_round=k)
-    chars = client_chars(k, args.batches, args.batch_size, args.seq_len)
-    opts = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "mode": "padded",
-            "shuffle": False, "max_batches": cfg.max_batches}
-    all_batches = [b for ids in chars.values()
-                   for b in client_batches(ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len)]
+    data_cfg = DataConfig(batch_size=args.batch_size, seq_len=args.seq_len, shuffle=False)
+    store = client_store(k, args.batches, args.batch_size, args.seq_len)
+    all_batches = [b for cid in store.client_ids
+                   for b in client_batches(store.chars(cid), batch_size=args.batch_size,
+                                           seq_len=args.seq_len)]
     torch.manual_seed(0)
     model = CharRNN(model_config)
-    backend = ProgressBackend()
-    algorithm = build_algorithm(cfg, model_config, backend)
-    sampler = FixedSampler(list(chars))
+    client = ClientConfig(lr=0.5, max_batches=args.batches, model=model_config)
+    algorithm = fed_avg(client, server_optimizers.build(server_optimizers.ServerConfig(), 1),
+                        aggregators.mean(), "tokens")
+    sampler = FixedSampler(list(store.client_ids))
     state = algorithm.init({n: p.detach().clone() for n, p in model.named_parameters()})
-    recorder = RunRecorder(out, lambda: {"config": cfg.to_dict()}, tensorboard=True)
+    out.mkdir(parents=True, exist_ok=True)
+    recorder = RunRecorder(out, lambda: {"config": {}}, tensorboard=True)
 
     def client_data(cid):
-        return functools.partial(client_epoch_batches, chars[cid], **opts)
+        return functools.partial(store_batches, store, cid, cfg=data_cfg,
+                                 max_batches=args.batches)
 
     def one_round():
         nonlocal state
         t0 = time.perf_counter()
         state = run_rounds(algorithm, state, sampler, client_data, state.round + 1,
-                           on_round=recorder, backend=backend, progress=False,
-                           log=lambda s: None)
+                           on_round=recorder, progress=False, log=lambda s: None)
         return time.perf_counter() - t0
 
     plain_loop(model, all_batches[:2], 0.5)  # warm-up: allocator, GRU kernel, autograd
@@ -97,7 +107,7 @@ def bench(k: int, args, model_config: ModelConfig, out: Path) -> dict:
     recorder.close()
     p, r = statistics.median(plain), statistics.median(rounds)
     return {"clients": k, "steps": len(all_batches), "plain_s": p, "round_s": r,
-            "ratio": r / p, "chars_per_s": len(all_batches) * cfg.batch_size * cfg.seq_len / r}
+            "ratio": r / p, "chars_per_s": len(all_batches) * args.batch_size * args.seq_len / r}
 
 
 def main() -> None:

@@ -256,6 +256,9 @@ def _paths(settings: dict, where: str, by_path: dict, prefix=()):
             yield from _paths(value, where, by_path, path)
         elif path in by_path:
             yield path, value
+        elif any(p[:len(path)] == path for p in by_path):  # a table name given a value
+            raise FedtextError(f"{where}: [{'.'.join(path)}] must be a table of settings, "
+                               f"not {value!r}")
         else:
             siblings = sorted({p[len(prefix)] for p in by_path if p[:len(prefix)] == prefix})
             near = difflib.get_close_matches(key, siblings, n=1)

@@ -368,8 +368,7 @@ def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, comma
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             chars_s=f"{acc['chars'] / acc['t_train']:,.0f}", refresh=False)
 
-            last = step == stop
-            if step % cfg.eval_every == 0 or last:
+            if step % cfg.eval_every == 0 or step == cfg.steps:
                 t0 = time.perf_counter()
                 model.eval()
                 row = {"step": step, "train_loss": acc["loss_sum"] / acc["loss_n"],
@@ -384,7 +383,7 @@ def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, comma
                 else:
                     log(line)
                 acc = {"loss_sum": 0.0, "loss_n": 0, "chars": 0, "t_train": 0.0}
-            if step % cfg.ckpt_every == 0 or last:
+            if step % cfg.ckpt_every == 0 or step == stop:  # a slice ends with its checkpoint
                 checkpoint(row)
     finally:
         bar.close()

@@ -271,7 +271,11 @@ def load_shakespeare(
             index = None  # damaged: rebuild below
     if index is None or index.get("fingerprint") != fingerprint:
         shutil.rmtree(target, ignore_errors=True)  # damaged, or rebuild asked for
-        _build_shakespeare(target, fingerprint, files)
+        try:
+            _build_shakespeare(target, fingerprint, files)
+        except OSError as e:
+            raise FedtextError(f"cannot write the data cache in {target.parent} ({e.strerror}); "
+                               "choose another with --cache-dir or $FEDTEXT_CACHE") from None
         index = json.loads((target / "index.json").read_text(encoding="utf-8"))
     return FederatedDataset(
         train=ClientStore.load(target, "train"),

@@ -50,6 +50,7 @@ from fedtext.registry import Registry
 ClientData = Sequence[Batch] | Callable[[int, int], Iterable[Batch]]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # a rate the weights' dtype can hold
 METRIC_SUMS = ("loss_sum", "correct", "count", "num_examples", "num_batches", "batch_loss_sum")
 
 # Client optimizers: name -> (weights, ClientConfig) -> torch optimizer. A fresh one every round
@@ -98,8 +99,9 @@ class ClientConfig:
             raise FedtextError(f"local_epochs must be >= 1, not {self.local_epochs}")
         if self.max_batches is not None and self.max_batches < 1:
             raise FedtextError(f"max_batches must be >= 1 (or none), not {self.max_batches}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FedtextError(f"lr must be a finite number > 0, not {self.lr}")
+        if not (0 < self.lr <= FLOAT32_MAX):
+            raise FedtextError(f"lr must be a finite number > 0 (at most {FLOAT32_MAX:.3g}, "
+                               f"float32's largest), not {self.lr}")
         if not (0 <= self.prox_mu < math.inf):
             raise FedtextError(f"prox_mu must be a finite number >= 0, not {self.prox_mu}")
         if not 0 <= self.momentum < 1:

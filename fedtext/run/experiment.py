@@ -118,9 +118,9 @@ def _check_finite(state: ServerState, metrics: dict, round: int) -> None:
     if bad or (isinstance(loss, float) and not math.isfinite(loss) and metrics["chars"]):
         what = f"the training loss became {loss}" if not math.isfinite(loss) else \
             f"the weights became non-finite ({bad[0]})"
-        raise FedtextError(f"round {round}: {what}; stopped before saving it, so the run keeps "
-                           f"round {round - 1}. Lower --client-lr or --server-lr (or clip "
-                           "updates with --clip-norm) and --resume")
+        raise FedtextError(f"round {round}: {what}; stopped before saving it, so the run "
+                           f"directory keeps round {round - 1}. Start a new run with a lower "
+                           "--client-lr or --server-lr (or clip updates with --clip-norm)")
 
 
 def format_row(row: dict) -> str:

@@ -158,12 +158,6 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
     sampler = sampling.build(cfg.sampling, ds.train.client_ids, ds.train.chars_per_client,
                              cfg.run.seed, cfg.data.min_chars(),
                              f"a batch of {cfg.data.batch_size}x{cfg.data.seq_len}")
-    eval_set, eval_ids = None, []
-    if cfg.eval.every > 0:
-        eval_ids = list(cfg.eval.client_ids) or eval_sample(ds.test, cfg.eval.clients,
-                                                              cfg.run.seed)
-        eval_set = build_eval_set(ds.test, eval_ids, task, cfg.data)
-
     if saved is not None:
         model_config = ModelConfig(**saved["model_config"])
     else:
@@ -173,8 +167,14 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             raise FedtextError(f"the model has {model.config.vocab_size} ids, the task "
                                f"{task.vocab.size}")
         model_config = model.config
+    check_step_memory(model_config, cfg.data.batch_size, cfg.data.seq_len)  # before batching
+    eval_set, eval_ids = None, []
+    if cfg.eval.every > 0:
+        eval_ids = list(cfg.eval.client_ids) or eval_sample(ds.test, cfg.eval.clients,
+                                                              cfg.run.seed)
+        eval_set = build_eval_set(ds.test, eval_ids, task, cfg.data)
+
     cfg = replace(cfg, model=cfg.model.resolved(model_config))
-    check_step_memory(model_config, cfg.data.batch_size, cfg.data.seq_len)
     compute = cfg.model.compute()
     client = replace(cfg.client, model=model_config, compute=compute)
     client_lr = None

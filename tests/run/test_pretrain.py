@@ -161,6 +161,31 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert not torch.equal(a["model"]["head.weight"], c["model"]["head.weight"])
 
 
+def test_resume_between_two_metrics_rows_writes_the_same_rows(tmp_path):
+    # Checkpoint every 3 steps, a metrics row every 4: resuming at step 3 must carry the
+    # running sums of steps 1-3 into the step-4 row, as an uninterrupted run does.
+    cfg = tiny_cfg(steps=8, ckpt_every=3, eval_every=4)
+    run(tmp_path / "once", cfg)
+    run(tmp_path / "twice", cfg, until_step=3)
+    run(tmp_path / "twice", cfg, resume=True)
+    a = [json.loads(r) for r in (tmp_path / "once" / METRICS_FILE).read_text().splitlines()]
+    b = [json.loads(r) for r in (tmp_path / "twice" / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
+    for x, y in zip(a, b):
+        assert (x["train_loss"], x["val_loss"], x["lr"]) == (y["train_loss"], y["val_loss"],
+                                                              y["lr"])
+
+
+def test_a_half_written_metrics_line_does_not_break_resume(tmp_path):
+    out, cfg = tmp_path / "r", tiny_cfg(steps=4, ckpt_every=2, eval_every=1)
+    run(out, cfg, until_step=2)
+    with (out / METRICS_FILE).open("a") as f:
+        f.write('{"step": 3, "train_lo')  # killed while writing
+    run(out, cfg, resume=True)
+    rows = [json.loads(r) for r in (out / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
 def test_resume_after_a_crash_relogs_lost_steps(tmp_path):
     out, cfg = tmp_path / "r", tiny_cfg(steps=6, ckpt_every=4, eval_every=1)
     run(out, cfg, until_step=4)
