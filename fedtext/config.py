@@ -8,6 +8,7 @@ consumers, and the command-line flags that fill the same dataclasses.
     [client]      fl.client.ClientConfig              local training (+ [client.schedule])
     [server]      fl.server_optimizers.ServerConfig   server optimizer (+ [server.schedule])
     [aggregator]  fl.aggregators.AggregatorConfig     mean / norm bound, client weighting
+    [faults]      fl.algorithm.FaultConfig            failing clients: fail or drop
     [eval]        run.evaluation.EvalConfig           held-out evaluation
     [backend]     backends.base.BackendConfig         where clients train
 
@@ -41,6 +42,7 @@ from fedtext.backends.base import BackendConfig
 from fedtext.data.tasks import DataConfig
 from fedtext.errors import FedtextError
 from fedtext.fl.aggregators import AggregatorConfig
+from fedtext.fl.algorithm import FaultConfig
 from fedtext.fl.client import ClientConfig
 from fedtext.fl.sampling import SamplingConfig
 from fedtext.fl.server_optimizers import ServerConfig
@@ -52,7 +54,8 @@ from fedtext.run.experiment import RunConfig
 FLAGS = "command line"  # the `where` of command-line overrides (errors name the flag)
 # Settings a resumed run may change: how long it runs, how often it evaluates, and where and
 # how fast clients compute; never what a finished round computed.
-RESUMABLE = (("run", "rounds"), ("eval", "every"), ("model", "impl"), ("backend",))
+RESUMABLE = (("run", "rounds"), ("eval", "every"), ("model", "impl"), ("backend",),
+             ("faults", "client_timeout"))
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ExperimentConfig:
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
+    faults: FaultConfig = FaultConfig()
     eval: EvalConfig = EvalConfig()
     backend: BackendConfig = BackendConfig()
 

@@ -29,15 +29,20 @@ function) and its seed from (seed, round, i), so every backend computes the same
 
 Round metrics are pooled over clients from sums (train_loss = total loss_sum / total count,
 never a mean of client means) plus a per-client list for percentiles.
+
+Faults ([faults], `FaultConfig`): a client whose work raised, timed out or whose worker died
+for good comes back as a backends.base.ClientFailure; `on_client_error="drop"` leaves it out
+of the round (named, with its reason, in metrics["dropped"]) as long as at least
+`min_clients` clients returned, `"fail"` stops the run naming the client.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from fedtext.backends.base import Backend, SequentialBackend, in_order
+from fedtext.backends.base import Backend, ClientFailure, SequentialBackend, in_order
 from fedtext.errors import FedtextError
 from fedtext.fl import aggregators as agg_lib
 from fedtext.fl import params as P
@@ -45,6 +50,29 @@ from fedtext.fl import server_optimizers
 from fedtext.fl.client import METRIC_SUMS, ClientConfig, ClientData, client_update, summarize
 from fedtext.fl.params import Params
 from fedtext.fl.sampling import client_seed
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """[faults]: what a round does about clients that fail."""
+
+    on_client_error: str = field(default="fail", metadata={
+        "choices": ("fail", "drop"), "help": "a client that raises, times out or loses its "
+        "worker: fail stops the run naming it; drop leaves it out of the round (logged)"})
+    min_clients: int = field(default=1, metadata={
+        "help": "with drop: the fewest clients a round may aggregate"})
+    client_timeout: float | None = field(default=None, metadata={
+        "help": "drop a client still training after this many seconds (a straggler; which "
+        "ones depends on timing, so runs with it are not reproducible)"})
+
+    def __post_init__(self):
+        if self.on_client_error not in ("fail", "drop"):
+            raise FedtextError(f"on_client_error must be fail or drop, not "
+                               f"{self.on_client_error!r}")
+        if self.min_clients < 1:
+            raise FedtextError(f"min_clients must be >= 1, not {self.min_clients}")
+        if self.client_timeout is not None and not self.client_timeout > 0:
+            raise FedtextError(f"client_timeout must be > 0, not {self.client_timeout}")
 
 
 class ServerState(NamedTuple):
@@ -90,7 +118,8 @@ def fed_avg(client_config: ClientConfig,
             backend: Backend | None = None,
             seed: int = 0,
             client_fn: Callable = client_update,
-            client_lr: Callable[[int], float] | None = None) -> FederatedAlgorithm:
+            client_lr: Callable[[int], float] | None = None,
+            faults: FaultConfig = FaultConfig()) -> FederatedAlgorithm:
     """Build FedAvg (and FedAvgM/FedAdam/FedYogi/FedAdagrad/FedProx, by its arguments).
 
     Args:
@@ -102,6 +131,7 @@ def fed_avg(client_config: ClientConfig,
         seed: run seed; client i of round r gets `sampling.client_seed(seed, r, i)`.
         client_fn: the client work, `client_update` unless you bring your own with its signature.
         client_lr: round index -> the clients' learning rate (a schedule); default constant.
+        faults: what to do about clients that fail (module docstring).
 
     Returns:
         FederatedAlgorithm(init, apply).
@@ -132,30 +162,49 @@ def fed_avg(client_config: ClientConfig,
         def arrivals():
             for i, result in backend.map(client_fn, jobs,
                                          shared={"global_params": state.params,
-                                                 "config": config}):
-                if on_result is not None:
+                                                 "config": config},
+                                         timeout=faults.client_timeout):
+                if on_result is not None and not isinstance(result, ClientFailure):
                     on_result(i, result)
                 yield i, result
 
-        seen = []  # (metrics, weight) per client, in client order
+        seen, dropped = [], []  # (client id, metrics, weight) per client, in client order
+        r = state.round + 1
 
         def weighted_deltas():
-            for result in in_order(arrivals(), len(jobs)):
+            for (cid, _), result in zip(clients, in_order(arrivals(), len(jobs))):
+                if isinstance(result, ClientFailure):
+                    if faults.on_client_error == "fail":
+                        raise FedtextError(f"round {r}: client {cid} failed: {result.reason} "
+                                           "(--on-client-error drop would leave it out)")
+                    dropped.append({"client_id": cid, "reason": result.reason})
+                    continue
                 w = agg_lib.client_weight(result.metrics, weighting)
-                seen.append((result.metrics, w))
+                seen.append((cid, result.metrics, w))
                 yield result.delta, w  # the aggregator streams: one delta held at a time
+
+        def too_few():
+            reasons = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:3])
+            return FedtextError(f"round {r}: {len(seen)} of {len(clients)} clients returned "
+                                f"a result, fewer than min_clients={faults.min_clients} "
+                                f"(dropped: {reasons})")
 
         # 3: aggregate the deltas.
         try:
             delta, agg_state = aggregator.aggregate(weighted_deltas(), state.agg_state)
         except FedtextError as e:
-            raise FedtextError(f"round {state.round + 1}: {e}") from None
+            if dropped and len(seen) < faults.min_clients:
+                raise too_few() from None
+            raise FedtextError(str(e) if str(e).startswith(f"round {r}:")
+                               else f"round {r}: {e}") from None
+        if len(seen) < faults.min_clients:
+            raise too_few()
         # 4: server update.
         params, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-        metrics = round_metrics([m for m, _ in seen], [cid for cid, _ in clients],
-                                [w for _, w in seen])
+        metrics = round_metrics([m for _, m, _ in seen], [c for c, _, _ in seen],
+                                [w for _, _, w in seen])
         metrics.update(round=state.round, delta_norm=P.global_norm(delta),
-                       client_lr=getattr(config, "lr", None))
+                       client_lr=getattr(config, "lr", None), dropped=dropped)
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
     return FederatedAlgorithm(init, apply)

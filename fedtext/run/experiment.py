@@ -101,6 +101,8 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
                "chars": m["chars"], "batches": m["num_batches"], "client_lr": m["client_lr"],
                "delta_norm": m["delta_norm"], "train_seconds": t1 - t0,
                "chars_per_s": m["chars"] / (t1 - t0)}
+        if m.get("dropped"):  # clients left out of the round: who, and why
+            row["dropped"] = m["dropped"]
         if evaluate is not None and eval_due(state.round, rounds):
             row.update(evaluate(state.params))
             row["eval_seconds"] = time.perf_counter() - t1

@@ -184,7 +184,8 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
     with backends.build(cfg.backend) as backend:
         algorithm = fed_avg(client, server_optimizers.build(cfg.server, cfg.run.rounds),
                             aggregators.build(cfg.aggregator), cfg.aggregator.weighting,
-                            backend, seed=cfg.run.seed, client_lr=client_lr)
+                            backend, seed=cfg.run.seed, client_lr=client_lr,
+                            faults=cfg.faults)
         if saved is not None:
             # A fresh init state is the template of types (NamedTuples) the saved values fill.
             template = algorithm.init(saved["server_state"]["params"])
