@@ -241,47 +241,46 @@ static inline int even(int k) { return (k + 1) & ~1; }
 /* ---------------------------------------------------------------- packing the weights */
 
 /* Forward panel p of G gates from gate g0: panel[(k G + g) W + l] = w[((g0+g) H + pW + l) H + k]
- * (bf16: k pairs interleaved per lane). Lanes beyond H are 0, so they add nothing. */
+ * (bf16: k pairs interleaved per lane). Lanes beyond H are 0, so they add nothing. A
+ * transpose: done in blocks of KB k's, so that reads (W rows) and writes (KB lines) stay in L1. */
 static void pack_forward(const job_t *J, int q, int g0, int G, int p) {
-    const int H = J->H, n = lanes(J, p);
-    const float *w = J->w;
-    if (!J->bf16) {
-        float *panel = (float *)J->pack + J->off[q] + p * J->psz[q];
-        for (int g = 0; g < G; g++)
-            for (int l = 0; l < W; l++) {
-                const float *row = w + ((size_t)(g0 + g) * H + p * W + l) * H;
-                for (int k = 0; k < H; k++) panel[((size_t)k * G + g) * W + l] = l < n ? row[k] : 0.0f;
-            }
-        return;
-    }
-    uint16_t *panel = (uint16_t *)J->pack + J->off[q] + p * J->psz[q];
+    enum { KB = 16 };
+    const int H = J->H, n = lanes(J, p), Hk = J->bf16 ? even(H) : H;
+    float *pf = (float *)J->pack + J->off[q] + p * J->psz[q];
+    uint16_t *pb = (uint16_t *)J->pack + J->off[q] + p * J->psz[q];
     for (int g = 0; g < G; g++)
-        for (int l = 0; l < W; l++) {
-            const float *row = w + ((size_t)(g0 + g) * H + p * W + l) * H;
-            for (int k = 0; k < even(H); k++) {
-                float v = l < n && k < H ? row[k] : 0.0f;
-                panel[(((size_t)(k / 2) * G + g) * W + l) * 2 + (k & 1)] = bf16_bits(v);
+        for (int k0 = 0; k0 < Hk; k0 += KB)
+            for (int l = 0; l < W; l++) {
+                const float *row = J->w + ((size_t)(g0 + g) * H + p * W + (l < n ? l : 0)) * H;
+                int k1 = k0 + KB < Hk ? k0 + KB : Hk;
+                for (int k = k0; k < k1; k++) {
+                    float v = l < n && k < H ? row[k] : 0.0f;
+                    if (J->bf16) pb[(((size_t)(k / 2) * G + g) * W + l) * 2 + (k & 1)] = bf16_bits(v);
+                    else pf[((size_t)k * G + g) * W + l] = v;
+                }
             }
-        }
 }
 
-/* Backward panel p over K rows of w from row j0: panel[j W + l] = w[(j0 + j) H + pW + l]. */
-static void pack_backward(const job_t *J, int q, int j0, int K, int p) {
-    const int H = J->H, n = lanes(J, p);
-    if (!J->bf16) {
-        float *panel = (float *)J->pack + J->off[q] + p * J->psz[q];
-        for (int j = 0; j < K; j++) {
-            memcpy(panel + (size_t)j * W, J->w + (size_t)(j0 + j) * H + p * W, n * sizeof(float));
-            for (int l = n; l < W; l++) panel[(size_t)j * W + l] = 0.0f;
+/* Backward panels [p0, p1) over K rows of w from row j0: panel[j W + l] = w[(j0+j) H + pW + l].
+ * Row by row across the panels: each row is read once, contiguously (walking one panel's
+ * column down the rows would touch a new page per row). */
+static void pack_backward(const job_t *J, int q, int j0, int K, int p0, int p1) {
+    const int H = J->H, Kk = J->bf16 ? even(K) : K;
+    for (int j = 0; j < Kk; j++) {
+        const float *row = J->w + (size_t)(j0 + (j < K ? j : 0)) * H;
+        for (int p = p0; p < p1; p++) {
+            const int n = lanes(J, p);
+            if (!J->bf16) {
+                float *dst = (float *)J->pack + J->off[q] + p * J->psz[q] + (size_t)j * W;
+                memcpy(dst, row + p * W, (size_t)n * sizeof(float));
+                for (int l = n; l < W; l++) dst[l] = 0.0f;
+                continue;
+            }
+            uint16_t *dst = (uint16_t *)J->pack + J->off[q] + p * J->psz[q] +
+                            ((size_t)(j / 2) * W) * 2 + (j & 1);
+            for (int l = 0; l < W; l++) dst[2 * l] = bf16_bits(l < n && j < K ? row[p * W + l] : 0.0f);
         }
-        return;
     }
-    uint16_t *panel = (uint16_t *)J->pack + J->off[q] + p * J->psz[q];
-    for (int j = 0; j < even(K); j++)
-        for (int l = 0; l < W; l++) {
-            float v = l < n && j < K ? J->w[(size_t)(j0 + j) * H + p * W + l] : 0.0f;
-            panel[((size_t)(j / 2) * W + l) * 2 + (j & 1)] = bf16_bits(v);
-        }
 }
 
 /* ---------------------------------------------------------------- the matmul tile */
@@ -658,13 +657,11 @@ static void *gru_bwd_worker(void *arg) {
     int p0, p1;
     my_panels(J, task->tid, &p0, &p1);
     const int H = J->H, before = J->cell == GRU_RESET_BEFORE;
-    for (int p = p0; p < p1; p++) {
-        if (before) {
-            pack_backward(J, 0, 0, 2 * H, p);
-            pack_backward(J, 1, 2 * H, H, p);
-        } else {
-            pack_backward(J, 0, 0, 3 * H, p);
-        }
+    if (before) {
+        pack_backward(J, 0, 0, 2 * H, p0, p1);
+        pack_backward(J, 1, 2 * H, H, p0, p1);
+    } else {
+        pack_backward(J, 0, 0, 3 * H, p0, p1);
     }
     for (int t = J->T - 1; t >= -1; t--) {
         if (before) {
@@ -781,8 +778,8 @@ static void *lstm_bwd_worker(void *arg) {
     int p0, p1;
     my_panels(J, task->tid, &p0, &p1);
     const int H = J->H;
+    pack_backward(J, 0, 0, 4 * H, p0, p1);
     for (int p = p0; p < p1; p++) {
-        pack_backward(J, 0, 0, 4 * H, p);
         for (int b = 0; b < J->B; b++) /* the carry starts as dL/dc_n (or 0) */
             for (int l = 0; l < lanes(J, p); l++) {
                 size_t u = (size_t)b * H + p * W + l;
