@@ -39,7 +39,8 @@ def info_cmd(args) -> int:
             ("kernel", kernel),
             ("runnable", ", ".join(info["variants_runnable"])),
             ("bf16", bf16),
-            ("threads", str(info["threads"])),
+            ("threads", f"{info['threads']}" + (f" ({info['kernel_threading']})"
+                                                   if info["kernel_threading"] else "")),
             ("torch", info["torch"]),
             ("compiler", info["compiler"] or "none found")]
     for name, value in rows:

@@ -18,9 +18,10 @@ runs the pure-PyTorch recurrences instead, with the same results (fedtext/model/
 says so in one line). `kernel_info()` (`fedtext info`) reports what was found and chosen.
 
 Tensors are passed as raw data pointers; the kernel's workspace (packed weights, carries) is a
-per-thread buffer reused between calls. The big matmuls (input projections, dW = dG^T H) stay
-in torch. Nothing here is a setting: the module-level state is only caches of what was
-compiled, loaded and probed.
+per-thread buffer reused between calls. The kernel runs on torch.get_num_threads() threads of
+torch's own OpenMP pool (pthreads where the compiler lacks -fopenmp). The big matmuls (input
+projections, dW = dG^T H) stay in torch. Nothing here is a setting: the module-level state is
+only caches of what was compiled, loaded and probed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ _FLAGS = {
     "scalar": [],
 }
 _BF16_FLAGS = {"avx512": ["-mavx512bf16", "-DFEDTEXT_BF16"]}  # dropped if the compiler can't
+# Threads from torch's own OpenMP pool (the libgomp torch loaded: same soname), not threads of
+# our own competing with torch's workers, which spin for a while after every parallel op.
+_OPENMP_FLAGS = ["-fopenmp", "-DFEDTEXT_OPENMP"]
 _NEEDS = {  # CPU features each variant's build may use anywhere
     "avx512": ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"),
     "avx2": ("avx2", "fma"),
@@ -203,12 +207,14 @@ class Kernel:
         lib.fedtext_lstm_forward.argtypes = [i, i, i, i] + [p] * 6 + [i]
         lib.fedtext_lstm_backward.argtypes = [i, i, i, i] + [p] * 9 + [i]
         lib.fedtext_rnn_variant.restype = ctypes.c_char_p
+        lib.fedtext_rnn_threading.restype = ctypes.c_char_p
         assert lib.fedtext_rnn_variant().decode() == variant
         self.variant, self.lib, self.path = variant, lib, path
+        self.threading = lib.fedtext_rnn_threading().decode()  # "openmp" or "pthreads"
         self.bf16 = has_bf16 and bool(lib.fedtext_rnn_has_bf16())
 
     def __repr__(self) -> str:
-        return f"Kernel({self.variant!r}, bf16={self.bf16})"
+        return f"Kernel({self.variant!r}, bf16={self.bf16}, threading={self.threading!r})"
 
 
 def load(variant: str) -> Kernel:
@@ -231,14 +237,17 @@ def load(variant: str) -> Kernel:
 
 
 def _try_load(variant: str) -> Kernel | str:
+    """Build and load `variant`, with the optional parts dropped one by one where this
+    compiler can't build them (old compilers lack -mavx512bf16; Apple's clang, -fopenmp)."""
     bf16_cpu = "avx512_bf16" in cpu_features()
-    tries = [_FLAGS[variant] + _BF16_FLAGS[variant]] if variant in _BF16_FLAGS else []
-    tries.append(_FLAGS[variant])  # an older compiler may not know the bf16 flags
+    extras = [_OPENMP_FLAGS, []]
+    if variant in _BF16_FLAGS:
+        extras = [_BF16_FLAGS[variant] + _OPENMP_FLAGS, _OPENMP_FLAGS, _BF16_FLAGS[variant], []]
     err = ""
-    for flags in tries:
+    for extra in extras:
         try:
-            return Kernel(variant, _build("rnn_kernel.c", f"rnn_kernel_{variant}", flags),
-                          has_bf16=bf16_cpu)
+            return Kernel(variant, _build("rnn_kernel.c", f"rnn_kernel_{variant}",
+                                          _FLAGS[variant] + extra), has_bf16=bf16_cpu)
         except (KernelUnavailable, OSError) as e:
             err = str(e)
     return err
@@ -294,6 +303,7 @@ def kernel_info(request: str = "auto") -> dict:
         "bf16_native": bf16_native(),
         "bf16_kernel": bool(k and k.bf16),
         "threads": torch.get_num_threads(),
+        "kernel_threading": k.threading if k else None,
         "torch": torch.__version__,
         "compiler": (_compiler_version(cc).splitlines() or [cc])[0] if cc else None,
     }

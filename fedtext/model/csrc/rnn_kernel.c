@@ -194,6 +194,26 @@ typedef struct {
     void *(*fn)(void *);
 } task_t;
 
+#if defined(FEDTEXT_OPENMP)
+#include <omp.h>
+/* Run fn on a team of torch's own OpenMP pool (this library binds to the libgomp torch has
+ * loaded): torch's workers spin for a while after each parallel op, and threads of our own
+ * would share their cores with those spinning threads. The team may be smaller than asked. */
+static void run_threads(job_t *job, void *(*fn)(void *)) {
+    atomic_init(&job->barrier.count, 0);
+    atomic_init(&job->barrier.phase, 0);
+#pragma omp parallel num_threads(job->nthreads)
+    {
+#pragma omp single
+        {
+            job->nthreads = omp_get_num_threads();
+            job->barrier.n = job->nthreads;
+        } /* (an implied barrier) */
+        task_t task = {job, omp_get_thread_num(), fn};
+        fn(&task);
+    }
+}
+#else
 static void *gated(void *arg) {
     task_t *task = arg;
     int go;
@@ -228,6 +248,7 @@ static void run_threads(job_t *job, void *(*fn)(void *)) {
     fn(&tasks[0]);
     for (int i = 1; i < n; i++) pthread_join(th[i], NULL);
 }
+#endif
 
 /* This thread's share of the panels: [*p0, *p1). */
 static void my_panels(const job_t *J, int tid, int *p0, int *p1) {
@@ -806,6 +827,12 @@ const char *fedtext_rnn_variant(void) { return "scalar"; }
 #endif
 
 int fedtext_rnn_version(void) { return 2; }
+
+#if defined(FEDTEXT_OPENMP)
+const char *fedtext_rnn_threading(void) { return "openmp"; }
+#else
+const char *fedtext_rnn_threading(void) { return "pthreads"; }
+#endif
 
 int fedtext_rnn_has_bf16(void) {
 #if defined(FEDTEXT_BF16)
