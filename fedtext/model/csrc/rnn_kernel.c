@@ -306,9 +306,11 @@ static void pack_backward(const job_t *J, int q, int j0, int K, int p0, int p1) 
 
 /* ---------------------------------------------------------------- the matmul tile */
 
-/* Accumulators per tile: rows NR x G gates must fit in the vector registers beside the G
- * weight vectors and a broadcast. G = 1 (every backward) uses two k-interleaved accumulator
- * sets (S = 2), to keep enough independent FMA chains in flight. */
+/* Accumulators per tile: NR rows x G vectors must fit in the vector registers beside the G
+ * weight vectors and a broadcast. In the forward the G vectors are the gates of one panel's
+ * units; in the backward (one output per unit) they are two adjacent panels, so that each
+ * broadcast of the left operand feeds two FMAs (with one, a tile would wait on loads). A lone
+ * vector (G = 1) uses two k-interleaved accumulator sets (S = 2): more FMA chains in flight. */
 #if NREGS >= 32
 enum { NR1 = 8, NR2 = 8, NR3 = 8, NR4 = 6 };
 #else
@@ -317,11 +319,12 @@ enum { NR1 = 6, NR2 = 6, NR3 = 4, NR4 = 3 };
 #define NRMAX 8
 #define GMAX 4
 
-/* acc[b G + g] = sum_k a[b lda + k] * panel[(k G + g) W + lanes], b < nb. With nb, G and S
- * constants after inlining, the accumulators live in registers. */
+/* acc[b G + g] = sum_k a[b lda + k] * panel[k ks + g gs + lanes], b < nb: the fp32 tile.
+ * With nb, G and S constants after inlining, the accumulators live in registers. */
 static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G, int S,
                                                          const float *a, size_t lda, int K,
-                                                         const float *panel) {
+                                                         const float *panel, size_t ks,
+                                                         size_t gs) {
     vf c[2][NRMAX][GMAX];
 #pragma GCC unroll 2
     for (int s = 0; s < S; s++)
@@ -333,10 +336,10 @@ static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G,
     for (; k + S <= K; k += S) {
 #pragma GCC unroll 2
         for (int s = 0; s < S; s++) {
-            const float *w = panel + (size_t)(k + s) * G * W;
+            const float *w = panel + (size_t)(k + s) * ks;
             vf wg[GMAX];
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) wg[g] = vload(w + g * W);
+            for (int g = 0; g < G; g++) wg[g] = vload(w + g * gs);
 #pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 vf x = vset1(a[(size_t)b * lda + k + s]);
@@ -346,12 +349,12 @@ static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G,
         }
     }
     for (; k < K; k++) { /* odd K with S = 2 */
-        const float *w = panel + (size_t)k * G * W;
+        const float *w = panel + (size_t)k * ks;
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++) {
             vf x = vset1(a[(size_t)b * lda + k]);
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) c[0][b][g] += x * vload(w + g * W);
+            for (int g = 0; g < G; g++) c[0][b][g] += x * vload(w + g * gs);
         }
     }
 #pragma GCC unroll 8
@@ -362,10 +365,12 @@ static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G,
 
 #if defined(FEDTEXT_BF16)
 /* The same with bf16 operands: vdpbf16ps adds a[2k] w[2k] + a[2k+1] w[2k+1] per lane into
- * float32 accumulators, so a holds (B, K) bf16 rows (K even) and the panel k pairs. */
+ * float32 accumulators, so a holds bf16 rows (even length) and the panel k pairs: ks and gs
+ * count uint16 per k pair. */
 static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G, int S,
                                                           const uint16_t *a, size_t lda, int K,
-                                                          const uint16_t *panel) {
+                                                          const uint16_t *panel, size_t ks,
+                                                          size_t gs) {
     __m512 c[2][NRMAX][GMAX];
     const int K2 = even(K) / 2;
 #pragma GCC unroll 2
@@ -378,10 +383,10 @@ static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G
     for (; k + S <= K2; k += S) {
 #pragma GCC unroll 2
         for (int s = 0; s < S; s++) {
-            const uint16_t *w = panel + (size_t)(k + s) * G * 2 * W;
+            const uint16_t *w = panel + (size_t)(k + s) * ks;
             __m512i wg[GMAX];
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) wg[g] = _mm512_loadu_si512(w + g * 2 * W);
+            for (int g = 0; g < G; g++) wg[g] = _mm512_loadu_si512(w + g * gs);
 #pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 int32_t pair;
@@ -394,7 +399,7 @@ static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G
         }
     }
     for (; k < K2; k++) {
-        const uint16_t *w = panel + (size_t)k * G * 2 * W;
+        const uint16_t *w = panel + (size_t)k * ks;
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++) {
             int32_t pair;
@@ -403,7 +408,7 @@ static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++)
                 c[0][b][g] = _mm512_dpbf16_ps(c[0][b][g], (__m512bh)x,
-                                              (__m512bh)_mm512_loadu_si512(w + g * 2 * W));
+                                              (__m512bh)_mm512_loadu_si512(w + g * gs));
         }
     }
 #pragma GCC unroll 8
@@ -428,35 +433,48 @@ static inline void put_bf16(const job_t *J, int q, size_t row, int j, vf v, int 
 #endif
 }
 
-/* One tile's matmul for rows [b0, b0+nb): the fp32 rows a (stride lda), or in bf16 mode
- * their copies ab[q] (same row index), times phase q's panel p; K = the inner dimension. */
-static inline __attribute__((always_inline)) void tile_mm(vf *acc, int nb, int G, int S,
+/* A tile's matmul for rows [b0, b0+nb): the fp32 rows a (stride lda), or in bf16 mode their
+ * copies ab[q] (row ab_row on), times phase q's panels from p; K = the inner dimension.
+ * Forward (G gates of panel p): S = 2 for a lone gate. Backward: G adjacent panels. */
+static inline __attribute__((always_inline)) void tile_mm(vf *acc, int nb, int G, int backward,
                                                           const job_t *J, int q, int p,
                                                           const float *a, size_t lda,
                                                           size_t ab_row, int K) {
+    const int S = G == 1 ? 2 : 1;
 #if defined(FEDTEXT_BF16)
     if (J->bf16) {
-        mm_bf16(acc, nb, G, S, J->ab[q] + ab_row * J->ldab[q], J->ldab[q], K,
-                (const uint16_t *)J->pack + J->off[q] + p * J->psz[q]);
+        const uint16_t *panel = (const uint16_t *)J->pack + J->off[q] + p * J->psz[q];
+        mm_bf16(acc, nb, G, S, J->ab[q] + ab_row * J->ldab[q], J->ldab[q], K, panel,
+                backward ? 2 * W : (size_t)G * 2 * W, backward ? J->psz[q] : 2 * W);
         return;
     }
 #else
     (void)ab_row;
 #endif
-    mm_f32(acc, nb, G, S, a, lda, K, (const float *)J->pack + J->off[q] + p * J->psz[q]);
+    const float *panel = (const float *)J->pack + J->off[q] + p * J->psz[q];
+    mm_f32(acc, nb, G, S, a, lda, K, panel, backward ? W : (size_t)G * W,
+           backward ? J->psz[q] : W);
 }
 
-/* Run TILE(J, t, b0, nb, p) over all B rows: blocks of NR rows, then the rest in blocks of
+/* Run TILE(J, t, b0, nb, ...) over all B rows: blocks of NR rows, then the rest in blocks of
  * 4, 2 and 1, so that nb is a constant in each TILE instance (its accumulators then live in
  * registers) and only a few instances get compiled. */
-#define ROW_BLOCKS(NR, TILE, J, t, p)                                         \
-    do {                                                                      \
-        int b0_ = 0;                                                          \
-        for (; b0_ + (NR) <= (J)->B; b0_ += (NR)) TILE(J, t, b0_, NR, p);     \
-        if ((NR) > 4 && b0_ + 4 <= (J)->B) TILE(J, t, b0_, 4, p), b0_ += 4;   \
-        if ((NR) > 2 && b0_ + 2 <= (J)->B) TILE(J, t, b0_, 2, p), b0_ += 2;   \
-        if ((NR) > 1 && b0_ + 1 <= (J)->B) TILE(J, t, b0_, 1, p), b0_ += 1;   \
-    } while (0);
+#define ROW_BLOCKS(NR, TILE, J, t, ...)                                              \
+    do {                                                                             \
+        int b0_ = 0;                                                                 \
+        for (; b0_ + (NR) <= (J)->B; b0_ += (NR)) TILE(J, t, b0_, NR, __VA_ARGS__);  \
+        if ((NR) > 4 && b0_ + 4 <= (J)->B) TILE(J, t, b0_, 4, __VA_ARGS__), b0_ += 4; \
+        if ((NR) > 2 && b0_ + 2 <= (J)->B) TILE(J, t, b0_, 2, __VA_ARGS__), b0_ += 2; \
+        if ((NR) > 1 && b0_ + 1 <= (J)->B) TILE(J, t, b0_, 1, __VA_ARGS__), b0_ += 1; \
+    } while (0)
+
+/* Run a backward TILE(J, t, b0, nb, p, np) over this thread's panels [p0, p1), two at a time
+ * (np = 2), the odd one alone. */
+#define PANEL_PAIRS(TILE, J, t, p0, p1)                                              \
+    for (int p_ = (p0); p_ < (p1); p_ += 2) {                                        \
+        if (p_ + 1 < (p1)) ROW_BLOCKS(NR1, TILE, J, t, p_, 2);                       \
+        else ROW_BLOCKS(NR1, TILE, J, t, p_, 1);                                     \
+    }
 
 #define INLINE static inline __attribute__((always_inline)) void
 
@@ -476,7 +494,7 @@ INLINE gru_ra_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H; /* h_{t-1} rows */
     vf acc[NRMAX * 3];
-    tile_mm(acc, nb, 3, 1, J, 0, p, h, H, (size_t)t * B + b0, H);
+    tile_mm(acc, nb, 3, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     vf bhr = vload_n(J->b + j0, n), bhz = vload_n(J->b + H + j0, n);
     vf bhn = vload_n(J->b + 2 * H + j0, n);
     for (int b = 0; b < nb; b++) {
@@ -503,7 +521,7 @@ INLINE gru_rb_fwd_rz_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H;
     vf acc[NRMAX * 2];
-    tile_mm(acc, nb, 2, 1, J, 0, p, h, H, (size_t)t * B + b0, H);
+    tile_mm(acc, nb, 2, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = (size_t)t * B + b0 + b;
         const float *x = J->xp + row * 3 * H + j0;
@@ -523,7 +541,7 @@ INLINE gru_rb_fwd_n_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     size_t row0 = (size_t)t * B + b0;
     vf acc[NRMAX];
-    tile_mm(acc, nb, 1, 2, J, 1, p, J->gates + row0 * 4 * H + 3 * H, 4 * H, row0, H);
+    tile_mm(acc, nb, 1, 0, J, 1, p, J->gates + row0 * 4 * H + 3 * H, 4 * H, row0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = row0 + b;
         float *g = J->gates + row * 4 * H + j0;
@@ -537,9 +555,9 @@ INLINE gru_rb_fwd_n_tile(const job_t *J, int t, int b0, int nb, int p) {
     }
 }
 
-static void gru_ra_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR3, gru_ra_fwd_tile, J, t, p) }
-static void gru_rb_fwd_rz_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR2, gru_rb_fwd_rz_tile, J, t, p) }
-static void gru_rb_fwd_n_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_rb_fwd_n_tile, J, t, p) }
+static void gru_ra_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR3, gru_ra_fwd_tile, J, t, p); }
+static void gru_rb_fwd_rz_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR2, gru_rb_fwd_rz_tile, J, t, p); }
+static void gru_rb_fwd_n_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_rb_fwd_n_tile, J, t, p); }
 
 static void *gru_fwd_worker(void *arg) {
     task_t *task = arg;
@@ -570,31 +588,26 @@ static void *gru_fwd_worker(void *arg) {
     return NULL;
 }
 
-/* ---------------------------------------------------------------- GRU backward */
+/* ---------------------------------------------------------------- GRU backward
+ * Each backward tile does the matmul for np panels (accumulator g of row b at acc[b np + g]),
+ * then the per-unit part for each panel. acc == NULL: no matmul term (the last step). */
 
 /* reset_after=True, step t (t = -1: only dh0): dh_t = d_out[t] + dh_{t+1} z_{t+1} +
  * dG_{t+1} W, then the gate gradients of step t. */
-INLINE gru_ra_bwd_tile(const job_t *J, int t, int b0, int nb, int p) {
-    const int H = J->H, B = J->B, T = J->T, j0 = p * W, n = lanes(J, p), H3 = 3 * H;
-    vf dh[NRMAX];
-    for (int b = 0; b < nb; b++) dh[b] = vzero();
-    if (t < T - 1) {
-        size_t row1 = (size_t)(t + 1) * B + b0;
-        vf acc[NRMAX];
-        tile_mm(acc, nb, 1, 2, J, 0, p, J->dG + row1 * H3, H3, row1, H3);
-        for (int b = 0; b < nb; b++) {
-            vf z1 = vload_n(J->gates + (row1 + b) * 4 * H + H + j0, n);
-            dh[b] = acc[b] + vload_n(J->dh_buf + (size_t)(b0 + b) * H + j0, n) * z1;
-        }
-    }
-    if (t < 0) {
-        for (int b = 0; b < nb; b++) vstore_n(J->dh0 + (size_t)(b0 + b) * H + j0, dh[b], n);
-        return;
-    }
+INLINE gru_ra_bwd_units(const job_t *J, int t, int b0, int nb, int p, const vf *acc, int np) {
+    const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p), H3 = 3 * H;
     for (int b = 0; b < nb; b++) {
-        size_t row = (size_t)t * B + b0 + b;
-        vf d = dh[b] + vload_n(J->d_out + row * H + j0, n);
-        vstore_n(J->dh_buf + (size_t)(b0 + b) * H + j0, d, n);
+        size_t row = (size_t)t * B + b0 + b, row1 = (size_t)(t + 1) * B + b0 + b;
+        size_t u = (size_t)(b0 + b) * H + j0;
+        vf dh = vzero();
+        if (acc) dh = acc[b * np] + vload_n(J->dh_buf + u, n) *
+                                    vload_n(J->gates + row1 * 4 * H + H + j0, n); /* z_{t+1} */
+        if (t < 0) {
+            vstore_n(J->dh0 + u, dh, n);
+            continue;
+        }
+        vf d = dh + vload_n(J->d_out + row * H + j0, n);
+        vstore_n(J->dh_buf + u, d, n);
         const float *g = J->gates + row * 4 * H + j0;
         vf r = vload_n(g, n), z = vload_n(g + H, n), nn = vload_n(g + 2 * H, n);
         vf hn = vload_n(g + 3 * H, n), hp = vload_n(J->hs + row * H + j0, n);
@@ -614,31 +627,34 @@ INLINE gru_ra_bwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     }
 }
 
+INLINE gru_ra_bwd_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
+    const int H3 = 3 * J->H;
+    vf acc[NRMAX * 2];
+    const int mm = t < J->T - 1;
+    size_t row1 = (size_t)(t + 1) * J->B + b0;
+    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dG + row1 * H3, H3, row1, H3);
+    for (int g = 0; g < np; g++) gru_ra_bwd_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
+}
+
 /* reset_after=False, first half of step t (t = -1: only dh0): dh_t = d_out[t] +
  * dh_{t+1} z_{t+1} + drh_{t+1} r_{t+1} + [dr~, dz~]_{t+1} W_rz, then dn~ and dz~ of step t. */
-INLINE gru_rb_bwd_h_tile(const job_t *J, int t, int b0, int nb, int p) {
-    const int H = J->H, B = J->B, T = J->T, j0 = p * W, n = lanes(J, p), H3 = 3 * H;
-    vf dh[NRMAX];
-    for (int b = 0; b < nb; b++) dh[b] = vzero();
-    if (t < T - 1) {
-        size_t row1 = (size_t)(t + 1) * B + b0;
-        vf acc[NRMAX];
-        tile_mm(acc, nb, 1, 2, J, 0, p, J->dxp + row1 * H3, H3, row1, 2 * H);
-        for (int b = 0; b < nb; b++) {
-            const float *g1 = J->gates + (row1 + b) * 4 * H + j0;
-            size_t u = (size_t)(b0 + b) * H + j0;
-            dh[b] = acc[b] + vload_n(J->dh_buf + u, n) * vload_n(g1 + H, n) +
-                    vload_n(J->drh_buf + u, n) * vload_n(g1, n);
-        }
-    }
-    if (t < 0) {
-        for (int b = 0; b < nb; b++) vstore_n(J->dh0 + (size_t)(b0 + b) * H + j0, dh[b], n);
-        return;
-    }
+INLINE gru_rb_bwd_h_units(const job_t *J, int t, int b0, int nb, int p, const vf *acc, int np) {
+    const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p), H3 = 3 * H;
     for (int b = 0; b < nb; b++) {
-        size_t row = (size_t)t * B + b0 + b;
-        vf d = dh[b] + vload_n(J->d_out + row * H + j0, n);
-        vstore_n(J->dh_buf + (size_t)(b0 + b) * H + j0, d, n);
+        size_t row = (size_t)t * B + b0 + b, row1 = (size_t)(t + 1) * B + b0 + b;
+        size_t u = (size_t)(b0 + b) * H + j0;
+        vf dh = vzero();
+        if (acc) {
+            const float *g1 = J->gates + row1 * 4 * H + j0;
+            dh = acc[b * np] + vload_n(J->dh_buf + u, n) * vload_n(g1 + H, n) +
+                 vload_n(J->drh_buf + u, n) * vload_n(g1, n);
+        }
+        if (t < 0) {
+            vstore_n(J->dh0 + u, dh, n);
+            continue;
+        }
+        vf d = dh + vload_n(J->d_out + row * H + j0, n);
+        vstore_n(J->dh_buf + u, d, n);
         const float *g = J->gates + row * 4 * H + j0;
         vf z = vload_n(g + H, n), nn = vload_n(g + 2 * H, n);
         vf hp = vload_n(J->hs + row * H + j0, n);
@@ -652,25 +668,34 @@ INLINE gru_rb_bwd_h_tile(const job_t *J, int t, int b0, int nb, int p) {
     }
 }
 
-/* reset_after=False, second half of step t: drh = dn~ W_n, dr~ = drh h_prev r (1 - r). */
-INLINE gru_rb_bwd_r_tile(const job_t *J, int t, int b0, int nb, int p) {
-    const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p), H3 = 3 * H;
-    size_t row0 = (size_t)t * B + b0;
-    vf acc[NRMAX];
-    tile_mm(acc, nb, 1, 2, J, 1, p, J->dxp + row0 * H3 + 2 * H, H3, row0, H);
-    for (int b = 0; b < nb; b++) {
-        size_t row = row0 + b;
-        vf r = vload_n(J->gates + row * 4 * H + j0, n);
-        vf dr = acc[b] * vload_n(J->hs + row * H + j0, n) * (r * (1.0f - r));
-        vstore_n(J->drh_buf + (size_t)(b0 + b) * H + j0, acc[b], n);
-        vstore_n(J->dxp + row * H3 + j0, dr, n);
-        put_bf16(J, 0, row, j0, dr, n, 2 * H);
-    }
+INLINE gru_rb_bwd_h_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
+    const int H = J->H;
+    vf acc[NRMAX * 2];
+    const int mm = t < J->T - 1;
+    size_t row1 = (size_t)(t + 1) * J->B + b0;
+    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dxp + row1 * 3 * H, 3 * H, row1, 2 * H);
+    for (int g = 0; g < np; g++) gru_rb_bwd_h_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
 }
 
-static void gru_ra_bwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_ra_bwd_tile, J, t, p) }
-static void gru_rb_bwd_h_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_rb_bwd_h_tile, J, t, p) }
-static void gru_rb_bwd_r_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_rb_bwd_r_tile, J, t, p) }
+/* reset_after=False, second half of step t: drh = dn~ W_n, dr~ = drh h_prev r (1 - r). */
+INLINE gru_rb_bwd_r_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
+    const int H = J->H, B = J->B, H3 = 3 * H;
+    size_t row0 = (size_t)t * B + b0;
+    vf acc[NRMAX * 2];
+    tile_mm(acc, nb, np, 1, J, 1, p, J->dxp + row0 * H3 + 2 * H, H3, row0, H);
+    for (int g = 0; g < np; g++) {
+        const int j0 = (p + g) * W, n = lanes(J, p + g);
+        for (int b = 0; b < nb; b++) {
+            size_t row = row0 + b;
+            vf drh = acc[b * np + g];
+            vf r = vload_n(J->gates + row * 4 * H + j0, n);
+            vf dr = drh * vload_n(J->hs + row * H + j0, n) * (r * (1.0f - r));
+            vstore_n(J->drh_buf + (size_t)(b0 + b) * H + j0, drh, n);
+            vstore_n(J->dxp + row * H3 + j0, dr, n);
+            put_bf16(J, 0, row, j0, dr, n, 2 * H);
+        }
+    }
+}
 
 static void *gru_bwd_worker(void *arg) {
     task_t *task = arg;
@@ -686,12 +711,12 @@ static void *gru_bwd_worker(void *arg) {
     }
     for (int t = J->T - 1; t >= -1; t--) {
         if (before) {
-            for (int p = p0; p < p1; p++) gru_rb_bwd_h_rows(J, t, p);
+            PANEL_PAIRS(gru_rb_bwd_h_tile, J, t, p0, p1)
             if (t < 0) break;
             barrier_wait(&J->barrier);
-            for (int p = p0; p < p1; p++) gru_rb_bwd_r_rows(J, t, p);
+            PANEL_PAIRS(gru_rb_bwd_r_tile, J, t, p0, p1)
         } else {
-            for (int p = p0; p < p1; p++) gru_ra_bwd_rows(J, t, p);
+            PANEL_PAIRS(gru_ra_bwd_tile, J, t, p0, p1)
         }
         barrier_wait(&J->barrier);
     }
@@ -704,7 +729,7 @@ INLINE lstm_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H;
     vf acc[NRMAX * 4];
-    tile_mm(acc, nb, 4, 1, J, 0, p, h, H, (size_t)t * B + b0, H);
+    tile_mm(acc, nb, 4, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = (size_t)t * B + b0 + b;
         const float *x = J->xp + row * 4 * H + j0;
@@ -729,31 +754,23 @@ INLINE lstm_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
 
 /* Step t (t = -1: only dh0, dc0): dh_t = d_out[t] + dxp_{t+1} W;
  * dc_t = dc_{t+1} f_{t+1} (dc_n at t = T-1) + dh_t o (1 - tanh^2 c_t), then the gates'. */
-INLINE lstm_bwd_tile(const job_t *J, int t, int b0, int nb, int p) {
+INLINE lstm_bwd_units(const job_t *J, int t, int b0, int nb, int p, const vf *acc, int np) {
     const int H = J->H, B = J->B, T = J->T, j0 = p * W, n = lanes(J, p), H4 = 4 * H;
-    vf dh[NRMAX];
-    for (int b = 0; b < nb; b++) dh[b] = vzero();
-    if (t < T - 1) {
-        size_t row1 = (size_t)(t + 1) * B + b0;
-        tile_mm(dh, nb, 1, 2, J, 0, p, J->dxp + row1 * H4, H4, row1, H4);
-    }
-    if (t < 0) {
-        for (int b = 0; b < nb; b++) {
-            size_t u = (size_t)(b0 + b) * H + j0;
-            vf f0 = vload_n(J->gates + (size_t)(b0 + b) * 5 * H + H + j0, n);
-            vstore_n(J->dh0 + u, dh[b], n);
-            vstore_n(J->dc0 + u, vload_n(J->dc_buf + u, n) * f0, n);
-        }
-        return;
-    }
     for (int b = 0; b < nb; b++) {
         size_t row = (size_t)t * B + b0 + b, u = (size_t)(b0 + b) * H + j0;
-        vf d = dh[b] + vload_n(J->d_out + row * H + j0, n);
+        vf dh = acc ? acc[b * np] : vzero();
+        if (t < 0) {
+            vf f0 = vload_n(J->gates + (size_t)(b0 + b) * 5 * H + H + j0, n);
+            vstore_n(J->dh0 + u, dh, n);
+            vstore_n(J->dc0 + u, vload_n(J->dc_buf + u, n) * f0, n);
+            continue;
+        }
+        vf d = dh + vload_n(J->d_out + row * H + j0, n);
         const float *g = J->gates + row * 5 * H + j0;
         vf i = vload_n(g, n), f = vload_n(g + H, n), gg = vload_n(g + 2 * H, n);
         vf o = vload_n(g + 3 * H, n), tc = vload_n(g + 4 * H, n);
         vf dc = vload_n(J->dc_buf + u, n);
-        if (t < T - 1) dc = dc * vload_n(J->gates + (row + B) * 5 * H + H + j0, n);
+        if (t < T - 1) dc = dc * vload_n(J->gates + (row + B) * 5 * H + H + j0, n); /* f_{t+1} */
         dc = dc + d * o * (1.0f - tc * tc);
         vstore_n(J->dc_buf + u, dc, n);
         vf cp = vload_n(J->cs + row * H + j0, n); /* c_{t-1} = cs[t] */
@@ -773,8 +790,16 @@ INLINE lstm_bwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     }
 }
 
-static void lstm_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR4, lstm_fwd_tile, J, t, p) }
-static void lstm_bwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, lstm_bwd_tile, J, t, p) }
+INLINE lstm_bwd_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
+    const int H4 = 4 * J->H;
+    vf acc[NRMAX * 2];
+    const int mm = t < J->T - 1;
+    size_t row1 = (size_t)(t + 1) * J->B + b0;
+    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dxp + row1 * H4, H4, row1, H4);
+    for (int g = 0; g < np; g++) lstm_bwd_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
+}
+
+static void lstm_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR4, lstm_fwd_tile, J, t, p); }
 
 static void *lstm_fwd_worker(void *arg) {
     task_t *task = arg;
@@ -800,15 +825,14 @@ static void *lstm_bwd_worker(void *arg) {
     my_panels(J, task->tid, &p0, &p1);
     const int H = J->H;
     pack_backward(J, 0, 0, 4 * H, p0, p1);
-    for (int p = p0; p < p1; p++) {
-        for (int b = 0; b < J->B; b++) /* the carry starts as dL/dc_n (or 0) */
+    for (int p = p0; p < p1; p++) /* the cell's carry starts as dL/dc_n (or 0) */
+        for (int b = 0; b < J->B; b++)
             for (int l = 0; l < lanes(J, p); l++) {
                 size_t u = (size_t)b * H + p * W + l;
                 J->dc_buf[u] = J->dc_n ? J->dc_n[u] : 0.0f;
             }
-    }
     for (int t = J->T - 1; t >= -1; t--) {
-        for (int p = p0; p < p1; p++) lstm_bwd_rows(J, t, p);
+        PANEL_PAIRS(lstm_bwd_tile, J, t, p0, p1)
         barrier_wait(&J->barrier);
     }
     return NULL;
