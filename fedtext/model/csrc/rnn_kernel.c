@@ -81,7 +81,19 @@ typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 
 static inline vf vzero(void) { return (vf){0}; }
-static inline vf vset1(float s) { return vzero() + s; }
+/* A broadcast, spelled as a constructor of W copies: GCC makes that a vbroadcastss (from
+ * memory, or folded into the FMA). `zero + s` would cost a real add and a shuffle per
+ * broadcast (0 + s is not s for s = -0, so it can't fold away). */
+#if W == 16
+#define VSET1(s) (vf){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}
+#elif W == 8
+#define VSET1(s) (vf){s, s, s, s, s, s, s, s}
+#elif W == 4
+#define VSET1(s) (vf){s, s, s, s}
+#else
+#define VSET1(s) (vf){s}
+#endif
+static inline vf vset1(float s) { return VSET1(s); }
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* n < W lanes at the end of a row (H not a multiple of W): the rest read as 0. */
