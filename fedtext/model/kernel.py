@@ -7,7 +7,7 @@ the flags and the compiler's version; written atomically), and loaded with ctype
     variant   CPU needs                                  vector   bf16 dot products
     avx512    AVX-512 F/DQ/BW/VL, AVX2, FMA (x86-64)     16 fp32  with AVX512_BF16
     avx2      AVX2 + FMA (x86-64, e.g. every Zen)         8 fp32  -
-    neon      aarch64                                     4 fp32  -
+    neon      aarch64                                     4 fp32  with ARM BF16 (BFDOT)
     scalar    any                                         1 fp32  -
 
 The best variant this CPU runs is chosen at run time (csrc/cpu_probe.c reads the CPU's
@@ -53,7 +53,10 @@ _FLAGS = {
     "neon": ["-DFEDTEXT_NEON"],
     "scalar": [],
 }
-_BF16_FLAGS = {"avx512": ["-mavx512bf16", "-DFEDTEXT_BF16"]}  # dropped if the compiler can't
+# bf16 builds, used where the CPU has the feature (the ARM flags apply to the whole build):
+_BF16_FLAGS = {"avx512": ["-mavx512bf16", "-DFEDTEXT_BF16"],
+               "neon": ["-march=armv8.2-a+bf16", "-DFEDTEXT_BF16"]}
+_BF16_FEATURE = {"avx512": "avx512_bf16", "neon": "arm_bf16"}
 # Threads from torch's own OpenMP pool (the libgomp torch loaded: same soname), not threads of
 # our own competing with torch's workers, which spin for a while after every parallel op.
 _OPENMP_FLAGS = ["-fopenmp", "-DFEDTEXT_OPENMP"]
@@ -194,10 +197,10 @@ def runnable_variants() -> list[str]:
 
 
 class Kernel:
-    """One loaded variant of rnn_kernel.c. `bf16` is True where it has bf16 dot products and
-    this CPU runs them."""
+    """One loaded variant of rnn_kernel.c; `bf16`: built with bf16 dot products (only where
+    this CPU has them)."""
 
-    def __init__(self, variant: str, path: Path, has_bf16: bool):
+    def __init__(self, variant: str, path: Path):
         lib = ctypes.CDLL(str(path))
         p, i, z = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
         lib.fedtext_rnn_workspace.argtypes = [i, i, i, i, i]
@@ -211,7 +214,7 @@ class Kernel:
         assert lib.fedtext_rnn_variant().decode() == variant
         self.variant, self.lib, self.path = variant, lib, path
         self.threading = lib.fedtext_rnn_threading().decode()  # "openmp" or "pthreads"
-        self.bf16 = has_bf16 and bool(lib.fedtext_rnn_has_bf16())
+        self.bf16 = bool(lib.fedtext_rnn_has_bf16())
 
     def __repr__(self) -> str:
         return f"Kernel({self.variant!r}, bf16={self.bf16}, threading={self.threading!r})"
@@ -238,16 +241,16 @@ def load(variant: str) -> Kernel:
 
 def _try_load(variant: str) -> Kernel | str:
     """Build and load `variant`, with the optional parts dropped one by one where this
-    compiler can't build them (old compilers lack -mavx512bf16; Apple's clang, -fopenmp)."""
-    bf16_cpu = "avx512_bf16" in cpu_features()
+    compiler can't build them (old compilers lack bf16 flags; Apple's clang, -fopenmp)."""
+    bf16 = variant in _BF16_FLAGS and _BF16_FEATURE[variant] in cpu_features()
     extras = [_OPENMP_FLAGS, []]
-    if variant in _BF16_FLAGS:
+    if bf16:
         extras = [_BF16_FLAGS[variant] + _OPENMP_FLAGS, _OPENMP_FLAGS, _BF16_FLAGS[variant], []]
     err = ""
     for extra in extras:
         try:
             return Kernel(variant, _build("rnn_kernel.c", f"rnn_kernel_{variant}",
-                                          _FLAGS[variant] + extra), has_bf16=bf16_cpu)
+                                          _FLAGS[variant] + extra))
         except (KernelUnavailable, OSError) as e:
             err = str(e)
     return err

@@ -185,9 +185,10 @@ BF16_KERNEL = pytest.mark.skipif(
 @pytest.mark.parametrize("impl", [pytest.param("kernel", marks=BF16_KERNEL), "torch"])
 @pytest.mark.parametrize("cell,reset_after", CELLS, ids=CELL_IDS)
 def test_bf16_tolerance(cell, reset_after, impl):
-    """bf16 operands keep 8 mantissa bits. Measured at these shapes, relative to fp32: about
-    2e-3 on outputs and 3e-3 on gradients (kernel and torch paths alike); we promise 2e-2,
-    and check the error is really bf16-sized (not an fp32 path in disguise)."""
+    """bf16 operands keep 8 mantissa bits. Measured at these shapes against the float64
+    reference: 1.9e-3 to 2.5e-3 on outputs, up to 4.7e-3 on gradients (LSTM), kernel and
+    torch paths alike. We promise 2e-2, and check the error is really bf16-sized (not an fp32
+    path in disguise)."""
     ours = raw_recurrence(cell, reset_after, 9, 5, 48, impl, "avx512" if impl == "kernel"
                           else "auto", precision="bf16")
     ref = raw_recurrence(cell, reset_after, 9, 5, 48, "reference", dtype=torch.float64)

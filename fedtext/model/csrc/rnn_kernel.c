@@ -8,8 +8,8 @@
  *   no flags: the scalar build, the last resort before the PyTorch path  (W = 1)
  * and loads the best one the CPU runs (cpu_probe.c says which). The vector code is written
  * once with GCC/Clang vector extensions (`vf` below is W floats), so the variants differ only
- * in W and in how many accumulators fit in registers. bf16 (AVX512-BF16 only, -DFEDTEXT_BF16)
- * swaps the recurrent matmul for bf16 dot products with float32 accumulation.
+ * in W and in how many accumulators fit in registers. bf16 (-DFEDTEXT_BF16, with AVX512-BF16
+ * or ARM BF16) swaps the recurrent matmul for bf16 dot products with float32 accumulation.
  * Only what must run step by step lives here; torch does the big matmuls before and after.
  *
  * Layouts (row-major float32; gate order is torch's: GRU [r|z|n], LSTM [i|f|g|o]):
@@ -70,11 +70,23 @@
 #define NREGS 16
 #endif
 
-#if defined(FEDTEXT_BF16)
-#if W != 16
-#error "FEDTEXT_BF16 is the AVX512-BF16 path: build it with FEDTEXT_AVX512"
-#endif
+/* bf16 dot products: vdpbf16ps (AVX512-BF16) and BFDOT (ARM BF16) both add
+ * a[2i] w[2i] + a[2i+1] w[2i+1] into float32 lane i, so one tile serves both: `wbf` is a
+ * vector of 2W bf16, BF_BCAST broadcasts a pair (as 32 bits), BF_DOT accumulates. */
+#if defined(FEDTEXT_BF16) && W == 16
 #include <immintrin.h>
+typedef __m512i wbf;
+#define BF_LOAD(p) _mm512_loadu_si512(p)
+#define BF_BCAST(pair) _mm512_set1_epi32(pair)
+#define BF_DOT(acc, x, w) ((vf)_mm512_dpbf16_ps((__m512)(acc), (__m512bh)(x), (__m512bh)(w)))
+#elif defined(FEDTEXT_BF16) && W == 4
+#include <arm_neon.h>
+typedef bfloat16x8_t wbf;
+#define BF_LOAD(p) vld1q_bf16((const bfloat16_t *)(p))
+#define BF_BCAST(pair) vreinterpretq_bf16_u32(vdupq_n_u32((uint32_t)(pair)))
+#define BF_DOT(acc, x, w) ((vf)vbfdotq_f32((float32x4_t)(acc), x, w))
+#elif defined(FEDTEXT_BF16)
+#error "FEDTEXT_BF16 needs FEDTEXT_AVX512 (AVX512-BF16) or FEDTEXT_NEON (ARM BF16)"
 #endif
 
 typedef float vf __attribute__((vector_size(4 * W)));
@@ -381,37 +393,34 @@ static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G,
 }
 
 #if defined(FEDTEXT_BF16)
-/* The same with bf16 operands: vdpbf16ps adds a[2k] w[2k] + a[2k+1] w[2k+1] per lane into
- * float32 accumulators, so a holds bf16 rows (even length) and the panel k pairs: ks and gs
- * count uint16 per k pair. */
+/* The same with bf16 operands and float32 accumulators: a holds bf16 rows (even length) and
+ * the panel k pairs per lane; ks and gs count uint16 per k pair. */
 static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G, int S,
                                                           const uint16_t *a, size_t lda, int K,
                                                           const uint16_t *panel, size_t ks,
                                                           size_t gs) {
-    __m512 c[2][NRMAX][GMAX];
+    vf c[2][NRMAX][GMAX];
     const int K2 = even(K) / 2;
 #pragma GCC unroll 2
     for (int s = 0; s < S; s++)
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++)
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) c[s][b][g] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) c[s][b][g] = vzero();
     int k = 0;
     for (; k + S <= K2; k += S) {
 #pragma GCC unroll 2
         for (int s = 0; s < S; s++) {
             const uint16_t *w = panel + (size_t)(k + s) * ks;
-            __m512i wg[GMAX];
+            wbf wg[GMAX];
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) wg[g] = _mm512_loadu_si512(w + g * gs);
+            for (int g = 0; g < G; g++) wg[g] = BF_LOAD(w + g * gs);
 #pragma GCC unroll 8
             for (int b = 0; b < nb; b++) {
                 int32_t pair;
                 memcpy(&pair, a + (size_t)b * lda + 2 * (k + s), 4);
-                __m512i x = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-                for (int g = 0; g < G; g++)
-                    c[s][b][g] = _mm512_dpbf16_ps(c[s][b][g], (__m512bh)x, (__m512bh)wg[g]);
+                for (int g = 0; g < G; g++) c[s][b][g] = BF_DOT(c[s][b][g], BF_BCAST(pair), wg[g]);
             }
         }
     }
@@ -421,18 +430,15 @@ static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G
         for (int b = 0; b < nb; b++) {
             int32_t pair;
             memcpy(&pair, a + (size_t)b * lda + 2 * k, 4);
-            __m512i x = _mm512_set1_epi32(pair);
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++)
-                c[0][b][g] = _mm512_dpbf16_ps(c[0][b][g], (__m512bh)x,
-                                              (__m512bh)_mm512_loadu_si512(w + g * gs));
+                c[0][b][g] = BF_DOT(c[0][b][g], BF_BCAST(pair), BF_LOAD(w + g * gs));
         }
     }
 #pragma GCC unroll 8
     for (int b = 0; b < nb; b++)
 #pragma GCC unroll 4
-        for (int g = 0; g < G; g++)
-            acc[b * G + g] = (vf)(S == 2 ? _mm512_add_ps(c[0][b][g], c[1][b][g]) : c[0][b][g]);
+        for (int g = 0; g < G; g++) acc[b * G + g] = S == 2 ? c[0][b][g] + c[1][b][g] : c[0][b][g];
 }
 #endif
 
@@ -442,8 +448,12 @@ static inline void put_bf16(const job_t *J, int q, size_t row, int j, vf v, int 
 #if defined(FEDTEXT_BF16)
     if (!J->bf16) return;
     uint16_t *dst = J->ab[q] + row * J->ldab[q];
+#if W == 16
     __m256bh h = _mm512_cvtneps_pbh((__m512)v);
     memcpy(dst + j, &h, (size_t)n * 2);
+#else
+    for (int l = 0; l < n; l++) dst[j + l] = bf16_bits(v[l]);
+#endif
     if ((K & 1) && j + n == K) dst[K] = 0;
 #else
     (void)J, (void)q, (void)row, (void)j, (void)v, (void)n, (void)K;
