@@ -5,9 +5,12 @@ explicitly (char_rnn.Compute(kernel=...)), plus one subprocess test of FEDTEXT_K
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -347,3 +350,33 @@ def test_info_command(capsys):
     assert info["torch"] == torch.__version__
     assert cli_main(["info"]) == 0
     assert "kernel:" in capsys.readouterr().out
+
+
+CROSS_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(ARM or not (CROSS_CC and QEMU and shutil.which("cc")),
+                    reason="needs cc, aarch64-linux-gnu-gcc and qemu-aarch64 (runs the neon "
+                    "build on x86)")
+def test_neon_build_under_qemu(tmp_path):
+    """The neon variant (and its ARM BF16 path), cross-compiled and run under qemu, equals the
+    native scalar build (which the tests above hold to torch) on every entry point."""
+    here = Path(__file__).parent
+    src = [str(here / "kernel_harness.c"),
+           str(Path(kernel.__file__).parent / "csrc" / "rnn_kernel.c")]
+    common = ["-O2", "-std=gnu11", "-ffp-contract=fast", "-pthread", "-static"]
+
+    def run(cc, flags, name, bf16, runner=()):
+        exe = tmp_path / name
+        subprocess.run([cc, *common, *flags, "-o", str(exe), *src], check=True)
+        subprocess.run([*runner, str(exe), str(tmp_path / f"{name}.bin"), str(bf16)], check=True)
+        return np.fromfile(tmp_path / f"{name}.bin", dtype=np.float32)
+
+    scalar = run("cc", [], "scalar", 0)
+    qemu = [QEMU, "-cpu", "max"]
+    neon = run(CROSS_CC, ["-DFEDTEXT_NEON"], "neon", 0, qemu)
+    assert neon.shape == scalar.shape and np.abs(neon - scalar).max() < 1e-5 * np.abs(scalar).max()
+    bf16 = run(CROSS_CC, ["-DFEDTEXT_NEON", "-DFEDTEXT_BF16", "-march=armv8.2-a+bf16"], "bf16",
+               1, qemu)
+    err = np.abs(bf16 - scalar).max() / np.abs(scalar).max()
+    assert 1e-5 < err < 2e-2
