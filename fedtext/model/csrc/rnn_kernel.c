@@ -343,24 +343,25 @@ static void pack_backward(const job_t *J, int q, int j0, int K, int p0, int p1) 
 #if NREGS >= 32
 enum { NR1 = 8, NR2 = 8, NR3 = 8, NR4 = 6 };
 #else
-enum { NR1 = 6, NR2 = 6, NR3 = 4, NR4 = 3 };
+enum { NR1 = 4, NR2 = 6, NR3 = 4, NR4 = 3 };
 #endif
-#define NRMAX 8
+#define NRMAX 8 /* rows per tile, at most */
 #define GMAX 4
 
-/* acc[b G + g] = sum_k a[b lda + k] * panel[k ks + g gs + lanes], b < nb: the fp32 tile.
- * With nb, G and S constants after inlining, the accumulators live in registers. */
+/* acc[b G + g] (+)= sum_k a[b lda + k] * panel[k ks + g gs + lanes], b < nb: the fp32 tile
+ * (`more`: add to acc). With nb, G and S constants after inlining, the accumulators live in
+ * registers. */
 static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G, int S,
                                                          const float *a, size_t lda, int K,
                                                          const float *panel, size_t ks,
-                                                         size_t gs) {
+                                                         size_t gs, int more) {
     vf c[2][NRMAX][GMAX];
 #pragma GCC unroll 2
     for (int s = 0; s < S; s++)
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++)
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) c[s][b][g] = vzero();
+            for (int g = 0; g < G; g++) c[s][b][g] = s == 0 && more ? acc[b * G + g] : vzero();
     int k = 0;
     for (; k + S <= K; k += S) {
 #pragma GCC unroll 2
@@ -398,7 +399,7 @@ static inline __attribute__((always_inline)) void mm_f32(vf *acc, int nb, int G,
 static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G, int S,
                                                           const uint16_t *a, size_t lda, int K,
                                                           const uint16_t *panel, size_t ks,
-                                                          size_t gs) {
+                                                          size_t gs, int more) {
     vf c[2][NRMAX][GMAX];
     const int K2 = even(K) / 2;
 #pragma GCC unroll 2
@@ -406,7 +407,7 @@ static inline __attribute__((always_inline)) void mm_bf16(vf *acc, int nb, int G
 #pragma GCC unroll 8
         for (int b = 0; b < nb; b++)
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) c[s][b][g] = vzero();
+            for (int g = 0; g < G; g++) c[s][b][g] = s == 0 && more ? acc[b * G + g] : vzero();
     int k = 0;
     for (; k + S <= K2; k += S) {
 #pragma GCC unroll 2
@@ -460,48 +461,74 @@ static inline void put_bf16(const job_t *J, int q, size_t row, int j, vf v, int 
 #endif
 }
 
-/* A tile's matmul for rows [b0, b0+nb): the fp32 rows a (stride lda), or in bf16 mode their
- * copies ab[q] (row ab_row on), times phase q's panels from p; K = the inner dimension.
- * Forward (G gates of panel p): S = 2 for a lone gate. Backward: G adjacent panels. */
+/* One tile of a matmul: rows [0, nb) of the fp32 rows a (stride lda), or in bf16 mode of
+ * their copies ab[q] (from row ab_row), over k in [k0, k0 + kn), times phase q's panels
+ * from p, into acc (`more`: added to it). Forward: the G gates of panel p (S = 2 for a lone
+ * gate). Backward: G adjacent panels. */
 static inline __attribute__((always_inline)) void tile_mm(vf *acc, int nb, int G, int backward,
                                                           const job_t *J, int q, int p,
                                                           const float *a, size_t lda,
-                                                          size_t ab_row, int K) {
+                                                          size_t ab_row, int k0, int kn,
+                                                          int more) {
     const int S = G == 1 ? 2 : 1;
 #if defined(FEDTEXT_BF16)
-    if (J->bf16) {
+    if (J->bf16) { /* k0 is even: whole k pairs */
         const uint16_t *panel = (const uint16_t *)J->pack + J->off[q] + p * J->psz[q];
-        mm_bf16(acc, nb, G, S, J->ab[q] + ab_row * J->ldab[q], J->ldab[q], K, panel,
-                backward ? 2 * W : (size_t)G * 2 * W, backward ? J->psz[q] : 2 * W);
+        size_t ks = backward ? 2 * W : (size_t)G * 2 * W;
+        mm_bf16(acc, nb, G, S, J->ab[q] + ab_row * J->ldab[q] + k0, J->ldab[q], kn,
+                panel + (size_t)(k0 / 2) * ks, ks, backward ? J->psz[q] : 2 * W, more);
         return;
     }
 #else
     (void)ab_row;
 #endif
     const float *panel = (const float *)J->pack + J->off[q] + p * J->psz[q];
-    mm_f32(acc, nb, G, S, a, lda, K, panel, backward ? W : (size_t)G * W,
-           backward ? J->psz[q] : W);
+    size_t ks = backward ? W : (size_t)G * W;
+    mm_f32(acc, nb, G, S, a + k0, lda, kn, panel + (size_t)k0 * ks, ks, backward ? J->psz[q] : W,
+           more);
 }
 
-/* Run TILE(J, t, b0, nb, ...) over all B rows: blocks of NR rows, then the rest in blocks of
- * 4, 2 and 1, so that nb is a constant in each TILE instance (its accumulators then live in
- * registers) and only a few instances get compiled. */
-#define ROW_BLOCKS(NR, TILE, J, t, ...)                                              \
-    do {                                                                             \
-        int b0_ = 0;                                                                 \
-        for (; b0_ + (NR) <= (J)->B; b0_ += (NR)) TILE(J, t, b0_, NR, __VA_ARGS__);  \
-        if ((NR) > 4 && b0_ + 4 <= (J)->B) TILE(J, t, b0_, 4, __VA_ARGS__), b0_ += 4; \
-        if ((NR) > 2 && b0_ + 2 <= (J)->B) TILE(J, t, b0_, 2, __VA_ARGS__), b0_ += 2; \
-        if ((NR) > 1 && b0_ + 1 <= (J)->B) TILE(J, t, b0_, 1, __VA_ARGS__), b0_ += 1; \
-    } while (0)
+#define RG 16 /* rows per row group: the accumulators of a group wait on the stack */
+#define KC 64 /* k per chunk (even): a chunk of a panel, G*W*KC floats, stays in L1 */
 
-/* Run a backward TILE(J, t, b0, nb, p, np) over this thread's panels [p0, p1), two at a time
- * (np = 2), the odd one alone, in snake() order. */
-#define PANEL_PAIRS(TILE, J, t, p0, p1)                                              \
+/* acc[b G + g] for the rows [0, ng) (ng <= RG) of a row group: row blocks of NR rows (then
+ * 4, 2, 1, so that each tile_mm instance has a constant row count). With more than one block,
+ * k goes in chunks and every block works on a chunk while it is in L1: the panel then comes
+ * from memory once per step, not once per row block. */
+static inline __attribute__((always_inline)) void group_mm(vf *acc, int ng, int G, int NR,
+                                                           int backward, const job_t *J, int q,
+                                                           int p, const float *a, size_t lda,
+                                                           size_t ab_row, int K) {
+    const int kc = ng <= NR ? K : KC;
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        const int kn = K - k0 < kc ? K - k0 : kc, more = k0 > 0;
+        int b0 = 0;
+        for (; b0 + NR <= ng; b0 += NR)
+            tile_mm(acc + b0 * G, NR, G, backward, J, q, p, a + b0 * lda, lda, ab_row + b0, k0,
+                    kn, more);
+        if (NR > 4 && b0 + 4 <= ng) {
+            tile_mm(acc + b0 * G, 4, G, backward, J, q, p, a + b0 * lda, lda, ab_row + b0, k0,
+                    kn, more);
+            b0 += 4;
+        }
+        if (NR > 2 && b0 + 2 <= ng) {
+            tile_mm(acc + b0 * G, 2, G, backward, J, q, p, a + b0 * lda, lda, ab_row + b0, k0,
+                    kn, more);
+            b0 += 2;
+        }
+        if (NR > 1 && b0 + 1 <= ng)
+            tile_mm(acc + b0 * G, 1, G, backward, J, q, p, a + b0 * lda, lda, ab_row + b0, k0,
+                    kn, more);
+    }
+}
+
+/* Run PANELS(J, t, p, np) over this thread's panels [p0, p1), two at a time (np = 2, for
+ * the backward), the odd one alone, in snake() order. */
+#define PANEL_PAIRS(PANELS, J, t, p0, p1)                                            \
     for (int i_ = 0, n_ = ((p1) - (p0) + 1) / 2; i_ < n_; i_++) {                    \
         int p_ = (p0) + 2 * snake(i_, 0, n_, t);                                     \
-        if (p_ + 1 < (p1)) ROW_BLOCKS(NR1, TILE, J, t, p_, 2);                       \
-        else ROW_BLOCKS(NR1, TILE, J, t, p_, 1);                                     \
+        if (p_ + 1 < (p1)) PANELS(J, t, p_, 2);                                      \
+        else PANELS(J, t, p_, 1);                                                    \
     }
 
 #define INLINE static inline __attribute__((always_inline)) void
@@ -521,8 +548,8 @@ static void h_to_bf16(const job_t *J, int q, int t, int p) {
 INLINE gru_ra_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H; /* h_{t-1} rows */
-    vf acc[NRMAX * 3];
-    tile_mm(acc, nb, 3, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
+    vf acc[RG * 3];
+    group_mm(acc, nb, 3, NR3, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     vf bhr = vload_n(J->b + j0, n), bhz = vload_n(J->b + H + j0, n);
     vf bhn = vload_n(J->b + 2 * H + j0, n);
     for (int b = 0; b < nb; b++) {
@@ -548,8 +575,8 @@ INLINE gru_ra_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
 INLINE gru_rb_fwd_rz_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H;
-    vf acc[NRMAX * 2];
-    tile_mm(acc, nb, 2, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
+    vf acc[RG * 2];
+    group_mm(acc, nb, 2, NR2, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = (size_t)t * B + b0 + b;
         const float *x = J->xp + row * 3 * H + j0;
@@ -568,8 +595,8 @@ INLINE gru_rb_fwd_rz_tile(const job_t *J, int t, int b0, int nb, int p) {
 INLINE gru_rb_fwd_n_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     size_t row0 = (size_t)t * B + b0;
-    vf acc[NRMAX];
-    tile_mm(acc, nb, 1, 0, J, 1, p, J->gates + row0 * 4 * H + 3 * H, 4 * H, row0, H);
+    vf acc[RG];
+    group_mm(acc, nb, 1, NR1, 0, J, 1, p, J->gates + row0 * 4 * H + 3 * H, 4 * H, row0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = row0 + b;
         float *g = J->gates + row * 4 * H + j0;
@@ -583,9 +610,15 @@ INLINE gru_rb_fwd_n_tile(const job_t *J, int t, int b0, int nb, int p) {
     }
 }
 
-static void gru_ra_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR3, gru_ra_fwd_tile, J, t, p); }
-static void gru_rb_fwd_rz_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR2, gru_rb_fwd_rz_tile, J, t, p); }
-static void gru_rb_fwd_n_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR1, gru_rb_fwd_n_tile, J, t, p); }
+static void gru_ra_fwd_rows(const job_t *J, int t, int p) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_ra_fwd_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p);
+}
+static void gru_rb_fwd_rz_rows(const job_t *J, int t, int p) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_rb_fwd_rz_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p);
+}
+static void gru_rb_fwd_n_rows(const job_t *J, int t, int p) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_rb_fwd_n_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p);
+}
 
 static void *gru_fwd_worker(void *arg) {
     task_t *task = arg;
@@ -657,11 +690,15 @@ INLINE gru_ra_bwd_units(const job_t *J, int t, int b0, int nb, int p, const vf *
 
 INLINE gru_ra_bwd_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
     const int H3 = 3 * J->H;
-    vf acc[NRMAX * 2];
+    vf acc[RG * 2];
     const int mm = t < J->T - 1;
     size_t row1 = (size_t)(t + 1) * J->B + b0;
-    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dG + row1 * H3, H3, row1, H3);
+    if (mm) group_mm(acc, nb, np, NR1, 1, J, 0, p, J->dG + row1 * H3, H3, row1, H3);
     for (int g = 0; g < np; g++) gru_ra_bwd_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
+}
+
+INLINE gru_ra_bwd_panels(const job_t *J, int t, int p, int np) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_ra_bwd_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p, np);
 }
 
 /* reset_after=False, first half of step t (t = -1: only dh0): dh_t = d_out[t] +
@@ -698,19 +735,23 @@ INLINE gru_rb_bwd_h_units(const job_t *J, int t, int b0, int nb, int p, const vf
 
 INLINE gru_rb_bwd_h_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
     const int H = J->H;
-    vf acc[NRMAX * 2];
+    vf acc[RG * 2];
     const int mm = t < J->T - 1;
     size_t row1 = (size_t)(t + 1) * J->B + b0;
-    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dxp + row1 * 3 * H, 3 * H, row1, 2 * H);
+    if (mm) group_mm(acc, nb, np, NR1, 1, J, 0, p, J->dxp + row1 * 3 * H, 3 * H, row1, 2 * H);
     for (int g = 0; g < np; g++) gru_rb_bwd_h_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
+}
+
+INLINE gru_rb_bwd_h_panels(const job_t *J, int t, int p, int np) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_rb_bwd_h_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p, np);
 }
 
 /* reset_after=False, second half of step t: drh = dn~ W_n, dr~ = drh h_prev r (1 - r). */
 INLINE gru_rb_bwd_r_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
     const int H = J->H, B = J->B, H3 = 3 * H;
     size_t row0 = (size_t)t * B + b0;
-    vf acc[NRMAX * 2];
-    tile_mm(acc, nb, np, 1, J, 1, p, J->dxp + row0 * H3 + 2 * H, H3, row0, H);
+    vf acc[RG * 2];
+    group_mm(acc, nb, np, NR1, 1, J, 1, p, J->dxp + row0 * H3 + 2 * H, H3, row0, H);
     for (int g = 0; g < np; g++) {
         const int j0 = (p + g) * W, n = lanes(J, p + g);
         for (int b = 0; b < nb; b++) {
@@ -723,6 +764,10 @@ INLINE gru_rb_bwd_r_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
             put_bf16(J, 0, row, j0, dr, n, 2 * H);
         }
     }
+}
+
+INLINE gru_rb_bwd_r_panels(const job_t *J, int t, int p, int np) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) gru_rb_bwd_r_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p, np);
 }
 
 static void *gru_bwd_worker(void *arg) {
@@ -739,12 +784,12 @@ static void *gru_bwd_worker(void *arg) {
     }
     for (int t = J->T - 1; t >= -1; t--) {
         if (before) {
-            PANEL_PAIRS(gru_rb_bwd_h_tile, J, t, p0, p1)
+            PANEL_PAIRS(gru_rb_bwd_h_panels, J, t, p0, p1)
             if (t < 0) break;
             barrier_wait(&J->barrier);
-            PANEL_PAIRS(gru_rb_bwd_r_tile, J, t, p0, p1)
+            PANEL_PAIRS(gru_rb_bwd_r_panels, J, t, p0, p1)
         } else {
-            PANEL_PAIRS(gru_ra_bwd_tile, J, t, p0, p1)
+            PANEL_PAIRS(gru_ra_bwd_panels, J, t, p0, p1)
         }
         barrier_wait(&J->barrier);
     }
@@ -756,8 +801,8 @@ static void *gru_bwd_worker(void *arg) {
 INLINE lstm_fwd_tile(const job_t *J, int t, int b0, int nb, int p) {
     const int H = J->H, B = J->B, j0 = p * W, n = lanes(J, p);
     const float *h = J->hs + ((size_t)t * B + b0) * H;
-    vf acc[NRMAX * 4];
-    tile_mm(acc, nb, 4, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
+    vf acc[RG * 4];
+    group_mm(acc, nb, 4, NR4, 0, J, 0, p, h, H, (size_t)t * B + b0, H);
     for (int b = 0; b < nb; b++) {
         size_t row = (size_t)t * B + b0 + b;
         const float *x = J->xp + row * 4 * H + j0;
@@ -820,14 +865,20 @@ INLINE lstm_bwd_units(const job_t *J, int t, int b0, int nb, int p, const vf *ac
 
 INLINE lstm_bwd_tile(const job_t *J, int t, int b0, int nb, int p, int np) {
     const int H4 = 4 * J->H;
-    vf acc[NRMAX * 2];
+    vf acc[RG * 2];
     const int mm = t < J->T - 1;
     size_t row1 = (size_t)(t + 1) * J->B + b0;
-    if (mm) tile_mm(acc, nb, np, 1, J, 0, p, J->dxp + row1 * H4, H4, row1, H4);
+    if (mm) group_mm(acc, nb, np, NR1, 1, J, 0, p, J->dxp + row1 * H4, H4, row1, H4);
     for (int g = 0; g < np; g++) lstm_bwd_units(J, t, b0, nb, p + g, mm ? acc + g : NULL, np);
 }
 
-static void lstm_fwd_rows(const job_t *J, int t, int p) { ROW_BLOCKS(NR4, lstm_fwd_tile, J, t, p); }
+INLINE lstm_bwd_panels(const job_t *J, int t, int p, int np) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) lstm_bwd_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p, np);
+}
+
+static void lstm_fwd_rows(const job_t *J, int t, int p) {
+    for (int r0 = 0; r0 < J->B; r0 += RG) lstm_fwd_tile(J, t, r0, J->B - r0 < RG ? J->B - r0 : RG, p);
+}
 
 static void *lstm_fwd_worker(void *arg) {
     task_t *task = arg;
@@ -860,7 +911,7 @@ static void *lstm_bwd_worker(void *arg) {
                 J->dc_buf[u] = J->dc_n ? J->dc_n[u] : 0.0f;
             }
     for (int t = J->T - 1; t >= -1; t--) {
-        PANEL_PAIRS(lstm_bwd_tile, J, t, p0, p1)
+        PANEL_PAIRS(lstm_bwd_panels, J, t, p0, p1)
         barrier_wait(&J->barrier);
     }
     return NULL;
