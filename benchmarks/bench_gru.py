@@ -3,6 +3,7 @@ the step's FLOP limit on this machine.
 
     .venv/bin/python benchmarks/bench_gru.py                 # both sections, ~3 minutes
     .venv/bin/python benchmarks/bench_gru.py --repeats 3 --no-lstm
+    .venv/bin/python benchmarks/bench_gru.py --emulate-avx2  # as on an AVX2-only CPU
 
 GRU: the tutorial step, batch 8 x 100, Embedding 256 -> GRU 1024 -> Dense over 88 ids.
 LSTM: the research benchmark's step, batch 4 x 80, Embedding(90, 8) -> 2 x LSTM 256 -> Dense 90.
@@ -13,13 +14,19 @@ in one process, interleaved round-robin so that background load hits them alike;
 the median. FLOPs per step = 3 x the forward's matmuls (recurrent, input projection through
 the (V, G*H) lookup table for layer 0, output layer); the FLOP limit is that count at the rate
 of a large fp32 matmul measured here (torch, 2048^3), the practically reachable peak.
+
+--emulate-avx2 reruns this script as if on an AVX2-only CPU: torch's MKL, oneDNN and ATen
+capped at AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), and only the
+kernel variants such a CPU runs. The caches and memory stay this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -28,6 +35,9 @@ from fedtext.errors import FedtextError
 from fedtext.model import kernel
 from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig
 
+AVX2_CAPS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"}
+EMULATED = "_FEDTEXT_BENCH_AVX2"  # set in the rerun
 FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16",
                "amx_bf16", "asimd", "bf16", "sve")
 
@@ -67,7 +77,10 @@ def step_flops(cfg: ModelConfig, B: int, T: int) -> float:
 
 def paths() -> list[tuple[str, Compute]]:
     out = [("nn", Compute("nn")), ("torch fallback", Compute("torch"))]
+    avx2_only = bool(os.environ.get(EMULATED))
     for v in kernel.runnable_variants():
+        if avx2_only and v not in ("avx2", "scalar"):
+            continue
         try:
             k = kernel.load(v)
         except kernel.KernelUnavailable:
@@ -75,7 +88,7 @@ def paths() -> list[tuple[str, Compute]]:
         out.append((f"kernel {v}", Compute("kernel", "fp32", v)))
         if k.bf16:
             out.append((f"kernel {v} bf16", Compute("kernel", "bf16", v)))
-    if kernel.bf16_native():
+    if kernel.bf16_native() and not avx2_only:
         out.append(("torch fallback bf16", Compute("torch", "bf16")))
     return out
 
@@ -129,7 +142,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per path (GRU)")
     ap.add_argument("--lstm-repeats", type=int, default=21, help="timed steps per path (LSTM)")
     ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM section")
+    ap.add_argument("--emulate-avx2", action="store_true", help="as on an AVX2-only CPU: torch "
+                    "capped at AVX2, avx2 and scalar kernels only")
     args = ap.parse_args()
+    if args.emulate_avx2 and not os.environ.get(EMULATED):
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        env = dict(os.environ, **AVX2_CAPS, **{EMULATED: "1"})
+        raise SystemExit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
     try:
         info = kernel.kernel_info()
     except FedtextError as e:
@@ -139,6 +158,10 @@ def main() -> None:
     print(f"CPU: {info['cpu']} ({info['machine']}); lscpu flags: {cpu_flags()}")
     print(f"torch {info['torch']}, {info['threads']} threads; default kernel: {info['kernel']} "
           f"({info['kernel_threading']}); compiler: {info['compiler']}")
+    if os.environ.get(EMULATED):
+        print("Emulated AVX2-only CPU: " + ", ".join(f"{k}={v}" for k, v in AVX2_CAPS.items())
+              + f" (torch reports {torch.backends.cpu.get_cpu_capability()}); kernels avx2, "
+              "scalar")
     print(f"2048^3 fp32 torch matmul: {gflops:.0f} GFLOP/s")
     slow = {"kernel scalar"}
     bench("GRU: tutorial step, 8 x 100, Embedding 256 -> GRU 1024 -> Dense 88",
