@@ -180,9 +180,20 @@ def test_reset_before_differs_from_reset_after():
     assert rel_err(a, b) > 1e-2
 
 
-BF16_KERNEL = pytest.mark.skipif(
-    "avx512" not in kernel.runnable_variants() or not kernel.bf16_native(),
-    reason="bf16 dot products need AVX512_BF16 (the avx512 kernel)")
+def _bf16_variant():
+    """The kernel variant with bf16 dot products here (avx512 or neon), or None."""
+    for v in ARCH_VARIANTS:
+        try:
+            if kernel.cannot_run(v) is None and kernel.load(v).bf16:
+                return v
+        except kernel.KernelUnavailable:
+            pass
+    return None
+
+
+BF16_VARIANT = _bf16_variant()
+BF16_KERNEL = pytest.mark.skipif(BF16_VARIANT is None, reason="no bf16 dot products on this "
+                                 "CPU (AVX512_BF16 / ARM BF16)")
 
 
 @pytest.mark.parametrize("impl", [pytest.param("kernel", marks=BF16_KERNEL), "torch"])
@@ -192,7 +203,7 @@ def test_bf16_tolerance(cell, reset_after, impl):
     reference: 1.9e-3 to 2.5e-3 on outputs, up to 4.7e-3 on gradients (LSTM), kernel and
     torch paths alike. We promise 2e-2, and check the error is really bf16-sized (not an fp32
     path in disguise)."""
-    ours = raw_recurrence(cell, reset_after, 9, 5, 48, impl, "avx512" if impl == "kernel"
+    ours = raw_recurrence(cell, reset_after, 9, 5, 48, impl, BF16_VARIANT if impl == "kernel"
                           else "auto", precision="bf16")
     ref = raw_recurrence(cell, reset_after, 9, 5, 48, "reference", dtype=torch.float64)
     assert 1e-5 < rel_err(ours[0], ref[0]) < 2e-2
