@@ -1,42 +1,107 @@
-"""Seconds per training step (forward, backward, SGD) of the tutorial's char-RNN, per GRU path.
+"""Seconds per training step (forward, masked CE, backward, SGD) per recurrence path, next to
+the step's FLOP limit on this machine.
 
-    .venv/bin/python benchmarks/bench_gru.py            # tutorial model, batch 8 x 100
-    .venv/bin/python benchmarks/bench_gru.py --hidden-size 256 --repeats 3
+    .venv/bin/python benchmarks/bench_gru.py                 # both sections, ~3 minutes
+    .venv/bin/python benchmarks/bench_gru.py --repeats 3 --no-lstm
+    .venv/bin/python benchmarks/bench_gru.py --emulate-avx2  # as on an AVX2-only CPU
 
-Every path trains the same model on the same batch in one process, interleaved round-robin so
-that background load hits them alike; we report the median per path and ratios to nn.GRU (the
-"nn" path is torch's own GRU kernel, what torch.nn.GRU runs) and to the FLOP limit:
-  FLOPs per batch = 3 x (recurrent 2BT*H*3H + input 2BT*E*3H + output 2BT*H*V)  (19.3 G here)
-  with the (V, 3H) lookup table the input part shrinks to 3 x 2V*E*3H            (15.9 G here)
-The limit is those FLOPs at the CPU's fp32 FMA peak (--peak-gflops; 235 = 2 Zen 4 cores), and
-we also measure a large torch matmul as the practically reachable rate.
+GRU: the tutorial step, batch 8 x 100, Embedding 256 -> GRU 1024 -> Dense over 88 ids.
+LSTM: the research benchmark's step, batch 4 x 80, Embedding(90, 8) -> 2 x LSTM 256 -> Dense 90.
+Paths: torch's own kernels ("nn": what nn.GRU / nn.LSTM run), the pure-PyTorch fallback
+("torch"), each compiled kernel variant this CPU runs (fp32), and bf16 where the CPU has
+native bf16 dot products. Every path trains its own copy of the same model on the same batch
+in one process, interleaved round-robin so that background load hits them alike; we report
+the median. FLOPs per step = 3 x the forward's matmuls (recurrent, input projection through
+the (V, G*H) lookup table for layer 0, output layer); the FLOP limit is that count at the rate
+of a large fp32 matmul measured here (torch, 2048^3), the practically reachable peak.
+
+--emulate-avx2 reruns this script as if on an AVX2-only CPU: torch's MKL, oneDNN and ATen
+capped at AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), and only the
+kernel variants such a CPU runs. The caches and memory stay this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
-from bench_data import cpu_name  # sibling script: run as benchmarks/bench_gru.py
 
-from fedtext import gru, gru_kernel
-from fedtext.model.char_rnn import CharRNN, ModelConfig
+from fedtext.errors import FedtextError
+from fedtext.model import kernel
+from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig
 
-PATHS = [("nn.GRU", "nn", "fp32"), ("torch fp32", "torch", "fp32"),
-         ("torch bf16", "torch", "bf16"), ("kernel fp32", "kernel", "fp32")]
+AVX2_CAPS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"}
+EMULATED = "_FEDTEXT_BENCH_AVX2"  # set in the rerun
+FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16",
+               "amx_bf16", "asimd", "bf16", "sve")
 
 
-def step_timer(model, x, y, impl, precision):
+def cpu_flags() -> str:
+    """The SIMD flags lscpu lists (the ones that matter here)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    for line in out.splitlines():
+        if line.startswith("Flags:"):
+            return " ".join(f for f in line.split()[1:] if f in FLAGS_SHOWN)
+    return "?"
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The best rate of an n^3 fp32 torch matmul: the FLOP limit's rate."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(cfg: ModelConfig, B: int, T: int) -> float:
+    G = 3 if cfg.cell == "gru" else 4
+    V, E, H, L = cfg.vocab_size, cfg.embed_dim, cfg.hidden_size, cfg.num_layers
+    fwd = L * 2 * B * T * H * G * H  # recurrent
+    fwd += 2 * V * E * G * H + (L - 1) * 2 * B * T * H * G * H  # input projections
+    fwd += 2 * B * T * H * V  # output layer
+    return 3 * fwd  # backward: about twice the forward
+
+
+def paths() -> list[tuple[str, Compute]]:
+    out = [("nn", Compute("nn")), ("torch fallback", Compute("torch"))]
+    avx2_only = bool(os.environ.get(EMULATED))
+    for v in kernel.runnable_variants():
+        if avx2_only and v not in ("avx2", "scalar"):
+            continue
+        try:
+            k = kernel.load(v)
+        except kernel.KernelUnavailable:
+            continue
+        out.append((f"kernel {v}", Compute("kernel", "fp32", v)))
+        if k.bf16:
+            out.append((f"kernel {v} bf16", Compute("kernel", "bf16", v)))
+    if kernel.bf16_native() and not avx2_only:
+        out.append(("torch fallback bf16", Compute("torch", "bf16")))
+    return out
+
+
+def step_timer(cfg: ModelConfig, compute: Compute, x, y):
+    torch.manual_seed(0)
+    model = CharRNN(cfg, compute=compute)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> float:
-        gru.set_impl(impl)
-        gru.set_precision(precision)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
+        _, loss = model(x, y, mask=y != 0)
         loss.backward()
         opt.step()
         return time.perf_counter() - t
@@ -44,60 +109,67 @@ def step_timer(model, x, y, impl, precision):
     return step
 
 
+def bench(title: str, cfg: ModelConfig, B: int, T: int, repeats: int, gflops: float,
+          slow: set[str]) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(1, cfg.vocab_size, (B, T))
+    y = torch.randint(0, cfg.vocab_size, (B, T))  # id 0 = padding: masked out
+    steps = {name: step_timer(cfg, c, x, y) for name, c in paths()}
+    for step in steps.values():  # warm-up (and each kernel's one-time build)
+        step()
+    times = {name: [] for name in steps}
+    for i in range(repeats):
+        for name, step in steps.items():
+            if name not in slow or i < max(1, repeats // 3):  # the scalar build is slow
+                times[name].append(step())
+    flops = step_flops(cfg, B, T)
+    limit = flops / (gflops * 1e9)
+    nn_med = statistics.median(times["nn"])
+    print(f"\n### {title}\n")
+    print(f"{flops / 1e9:.2f} GFLOP per step; FLOP limit {limit * 1e3:.1f} ms at "
+          f"{gflops:.0f} GFLOP/s. Median of {repeats} interleaved steps "
+          f"(fewer for {', '.join(sorted(slow)) or '-'}).\n")
+    print("| path | s / step | speed-up vs nn | x FLOP limit | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.4f} | {nn_med / med:.2f}x | {med / limit:.1f} | "
+              f"{flops / med / 1e9:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=100)
-    ap.add_argument("--embed-dim", type=int, default=256)
-    ap.add_argument("--hidden-size", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=10, help="timed steps per path")
-    ap.add_argument("--peak-gflops", type=float, default=235.0,
-                    help="fp32 FMA peak of the CPU (235 = 2 Zen 4 cores with AVX-512)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps per path (GRU)")
+    ap.add_argument("--lstm-repeats", type=int, default=21, help="timed steps per path (LSTM)")
+    ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM section")
+    ap.add_argument("--emulate-avx2", action="store_true", help="as on an AVX2-only CPU: torch "
+                    "capped at AVX2, avx2 and scalar kernels only")
     args = ap.parse_args()
-
-    B, T, E, H = args.batch_size, args.seq_len, args.embed_dim, args.hidden_size
-    cfg = ModelConfig(embed_dim=E, hidden_size=H)
-    V = cfg.vocab_size
-    torch.manual_seed(0)
-    x = torch.randint(0, 86, (B, T))
-    y = torch.randint(0, 86, (B, T))
-    paths = [p for p in PATHS if p[1] != "kernel" or gru_kernel.available()]
-    steps = {}
-    for name, impl, precision in paths:
-        torch.manual_seed(0)
-        steps[name] = step_timer(CharRNN(cfg), x, y, impl, precision)
-        steps[name]()  # warm-up (and the kernel's one-time build)
-        steps[name]()
-    times = {name: [] for name, *_ in paths}
-    for _ in range(args.repeats):
-        for name, *_ in paths:
-            times[name].append(steps[name]())
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    gemm_gflops = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
-
-    flops = 3 * (2 * B * T * H * 3 * H + 2 * B * T * E * 3 * H + 2 * B * T * H * V)
-    flops_table = 3 * (2 * B * T * H * 3 * H + 2 * V * E * 3 * H + 2 * B * T * H * V)
-    limit = flops_table / (args.peak_gflops * 1e9)
-    base = statistics.median(times["nn.GRU"])
-
-    print(f"# GRU training step: batch {B} x {T}, Embedding {E}, GRU {H}, V {V}; "
-          f"{torch.get_num_threads()} threads; CPU: {cpu_name()}; torch {torch.__version__}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; median of {args.repeats} interleaved steps")
-    print(f"# FLOPs per batch: {flops / 1e9:.1f} G ({flops_table / 1e9:.1f} G with the lookup "
-          f"table); limit at {args.peak_gflops:.0f} GFLOP/s: {limit * 1e3:.0f} ms; "
-          f"a 2048^3 torch matmul runs at {gemm_gflops:.0f} GFLOP/s")
-    print("| path | s / batch | vs nn.GRU | vs FLOP limit |")
-    print("|---|---|---|---|")
-    for name, *_ in paths:
-        med = statistics.median(times[name])
-        print(f"| {name} | {med:.3f} | {base / med:.2f}x faster | {med / limit:.2f}x the limit |")
-    if not gru_kernel.available():
-        print(f"# kernel unavailable: {gru_kernel.unavailable_reason()}")
+    if args.emulate_avx2 and not os.environ.get(EMULATED):
+        argv = [a for a in sys.argv[1:] if a != "--emulate-avx2"]
+        env = dict(os.environ, **AVX2_CAPS, **{EMULATED: "1"})
+        raise SystemExit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
+    try:
+        info = kernel.kernel_info()
+    except FedtextError as e:
+        raise SystemExit(f"bench_gru: {e}") from None
+    gflops = matmul_gflops()
+    print(f"# Recurrence paths, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"CPU: {info['cpu']} ({info['machine']}); lscpu flags: {cpu_flags()}")
+    print(f"torch {info['torch']}, {info['threads']} threads; default kernel: {info['kernel']} "
+          f"({info['kernel_threading']}); compiler: {info['compiler']}")
+    if os.environ.get(EMULATED):
+        print("Emulated AVX2-only CPU: " + ", ".join(f"{k}={v}" for k, v in AVX2_CAPS.items())
+              + f" (torch reports {torch.backends.cpu.get_cpu_capability()}); kernels avx2, "
+              "scalar")
+    print(f"2048^3 fp32 torch matmul: {gflops:.0f} GFLOP/s")
+    slow = {"kernel scalar"}
+    bench("GRU: tutorial step, 8 x 100, Embedding 256 -> GRU 1024 -> Dense 88",
+          ModelConfig(), 8, 100, args.repeats, gflops, slow)
+    if not args.no_lstm:
+        bench("LSTM: research benchmark step, 4 x 80, Embedding(90, 8) -> 2 x LSTM 256 -> "
+              "Dense 90", ModelConfig(vocab_size=90, embed_dim=8, hidden_size=256, num_layers=2,
+                                      cell="lstm"), 4, 80, args.lstm_repeats, gflops, set())
 
 
 if __name__ == "__main__":
