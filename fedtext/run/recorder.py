@@ -27,8 +27,12 @@ class RunRecorder:
     """Writes a run directory's metrics.jsonl, TensorBoard events and state.pt."""
 
     def __init__(self, out: Path, extra: Callable[[], dict], start_round: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, fields: dict | None = None,
+                 annotate: Callable[[ServerState, dict], dict] | None = None):
+        """extra(): facts saved beside the state; fields: added to every row; annotate(state,
+        row): more entries for a round's row (its privacy spent, say)."""
         self.out, self.extra = Path(out), extra
+        self.fields, self.annotate = dict(fields or {}), annotate
         self.metrics = self.out / METRICS_FILE
         trim_rows(self.metrics, "round", start_round)
         self.tb = None
@@ -42,6 +46,7 @@ class RunRecorder:
         return read_rows(self.metrics)
 
     def log_row(self, row: dict) -> None:
+        row.update(self.fields)
         append_row(self.metrics, row)
         if self.tb is not None:
             for k, v in row.items():
@@ -59,6 +64,8 @@ class RunRecorder:
             **self.extra()})
 
     def __call__(self, state: ServerState, row: dict) -> None:
+        if self.annotate is not None:
+            row.update(self.annotate(state, row))
         self.log_row(row)  # first the row, then the state: resume trims rows past the state
         self.save(state)
 

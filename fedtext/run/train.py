@@ -205,9 +205,8 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             load_params(eval_model, params)
             return evaluate(eval_model, eval_set, progress=progress)
 
-        impl = recurrences.resolve_impl(eval_model.embedding.weight.device,
-                                        model_config.reset_after, compute.precision,
-                                        compute.impl) if model_config.cell == "gru" else "nn"
+        compute_info = recurrences.describe_compute(model_config, compute)  # or a clear error
+        log("compute: " + ", ".join(f"{k} {v}" for k, v in compute_info.items()))
         C.save_toml(cfg, out / CONFIG_FILE, header="fedtext train: the effective configuration "
                     "of this run (flags > --config TOML > defaults).\n`fedtext train --config "
                     f"{out / CONFIG_FILE} --out NEW` repeats it.")
@@ -215,9 +214,12 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
         def extra() -> dict:  # saved beside the server state: what resume checks against
             return {"config": C.to_dict(cfg), "model_config": model_config.to_dict(),
                     "data": summary, "eval_client_ids": eval_ids,
-                    "compute": {"impl": impl, "precision": compute.precision}}
+                    "compute": compute_info}
 
-        recorder = RunRecorder(out, extra, state.round, tensorboard)
+        path = "/".join(str(compute_info[k]) for k in ("impl", "kernel", "precision")
+                        if compute_info.get(k))
+        # Every row names the recurrence path that computed it (kernel/avx512/fp32, ...).
+        recorder = RunRecorder(out, extra, state.round, tensorboard, fields={"compute": path})
         try:
             if saved is None:
                 recorder.save(state)  # from here on, --resume works

@@ -107,9 +107,9 @@ class RecordingBackend(SequentialBackend):
         super().__init__()
         self.calls = []
 
-    def map(self, fn, jobs, shared=None):
+    def map(self, fn, jobs, shared=None, timeout=None):
         self.calls.append((fn, list(jobs), shared))
-        return super().map(fn, jobs, shared)
+        return super().map(fn, jobs, shared, timeout)
 
 
 def test_backend_gets_one_shared_payload_per_round():
@@ -207,8 +207,8 @@ def test_docstring_examples_run():
 class ReversedBackend(SequentialBackend):
     """Finishes the jobs last to first, as a parallel backend might."""
 
-    def map(self, fn, jobs, shared=None):
-        return reversed(list(super().map(fn, jobs, shared)))
+    def map(self, fn, jobs, shared=None, timeout=None):
+        return reversed(list(super().map(fn, jobs, shared, timeout)))
 
 
 def test_results_are_aggregated_in_client_order_whatever_the_arrival_order():
