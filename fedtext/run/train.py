@@ -19,6 +19,7 @@ import copy
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -83,6 +84,59 @@ def check_step_memory(model_config: ModelConfig, batch_size: int, seq_len: int) 
                            "available; lower --batch-size or --seq-len")
 
 
+class Evaluator:
+    """Central evaluation on a fixed set of held-out clients (built once)."""
+
+    def __init__(self, eval_set: EvalSet):
+        self.eval_set = eval_set
+        self.client_ids = list(eval_set.client_ids)
+        self.describe = f"{len(self.client_ids)} test clients, {eval_set.chars:,} chars"
+
+    def evaluate(self, model: CharRNN, params, progress: bool = False) -> dict:
+        load_params(model, params)
+        return evaluate(model, self.eval_set, progress=progress)
+
+
+@dataclass
+class Population:
+    """Who trains and who is evaluated: the simulator's clients, or a deployment's nodes.
+
+    client_ids and sizes (train characters) drive sampling; client_data(cid) is what a job
+    carries for that client; summary is what --resume checks; evaluator(cfg) builds the
+    held-out evaluation (an object with .evaluate(model, params, progress) -> row entries,
+    .client_ids and .describe).
+    """
+
+    client_ids: list[str]
+    sizes: list[int]
+    client_data: Callable[[str], object]
+    summary: dict
+    evaluator: Callable[[C.ExperimentConfig], object]
+
+
+def simulated_population(cfg: C.ExperimentConfig, task, cache: str | None) -> Population:
+    """The clients of cfg.data's dataset, each job naming its client's data (ClientData)."""
+    ds = open_dataset(cfg.data.source, cache)
+    for cid in cfg.sampling.clients:  # fixed clients: each must exist and have a batch
+        n = ds.train.num_chars(cid)  # unknown ids: a FedtextError with suggestions
+        if n < cfg.data.min_chars():
+            raise FedtextError(f"client {cid} has {n} train chars: no batch of "
+                               f"{cfg.data.batch_size}x{cfg.data.seq_len} without padding "
+                               f"(needs {cfg.data.min_chars()}); drop --drop-remainder or "
+                               "pick another client")
+
+    def client_data(cid):  # a name, not batches: the batches are built in the client job
+        return ClientData(cfg.data.source, cid, cfg.data, cfg.client.max_batches, "train",
+                          cache)
+
+    def evaluator(cfg):
+        ids = list(cfg.eval.client_ids) or eval_sample(ds.test, cfg.eval.clients, cfg.run.seed)
+        return Evaluator(build_eval_set(ds.test, ids, task, cfg.data))
+
+    return Population(list(ds.train.client_ids), ds.train.chars_per_client.tolist(),
+                      client_data, data_summary(ds), evaluator)
+
+
 @dataclass
 class TrainResult:
     state: ServerState  # the final server state
@@ -95,8 +149,8 @@ class TrainResult:
 def train(cfg: C.ExperimentConfig, out: str | Path, *, resume: bool = False,
           sources: Sequence[tuple[str, dict]] = (), model: CharRNN | None = None,
           cache_dir=None, until_round: int | None = None, progress: bool = True,
-          tensorboard: bool = True, command: str = "",
-          log: Callable[[str], None] = print) -> TrainResult:
+          tensorboard: bool = True, command: str = "", log: Callable[[str], None] = print,
+          population: Population | None = None, backend=None) -> TrainResult:
     """Run (or resume) a federated training run into the directory `out`.
 
     Args:
@@ -111,17 +165,20 @@ def train(cfg: C.ExperimentConfig, out: str | Path, *, resume: bool = False,
         progress, tensorboard: per-round bars; TensorBoard events under out/tb.
         command: the command line, for the final checkpoint's provenance.
         log: where one-line messages go.
+        population: who trains and who is evaluated; default the simulated clients of
+            cfg.data (a deployment passes its nodes').
+        backend: where client work runs; default the [backend] table's.
 
     Returns:
         TrainResult(state, rows, out, model, eval_set).
     """
     with open_run(out, resume=resume, state_file=STATE_FILE) as out:
         return _train(cfg, out, resume, sources, model, cache_dir, until_round, progress,
-                      tensorboard, command, log)
+                      tensorboard, command, log, population, backend)
 
 
 def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, tensorboard,
-           command, log) -> TrainResult:
+           command, log, population, backend) -> TrainResult:
     saved = None
     if resume:
         saved = load_state(out / STATE_FILE, required=SAVED_KEYS)
@@ -143,19 +200,12 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
     task = TASKS[cfg.data.task]
     cache = str(cache_dir) if cache_dir is not None else None
 
-    ds = open_dataset(cfg.data.source, cache)
-    summary = data_summary(ds)
-    if saved is not None and saved["data"] != summary:
+    if population is None:
+        population = simulated_population(cfg, task, cache)
+    if saved is not None and saved["data"] != population.summary:
         raise FedtextError(f"--resume: the data differs from the run's ({saved['data']} vs "
-                           f"{summary}); use the same --data")
-    for cid in cfg.sampling.clients:  # fixed clients: each must exist and have a batch
-        n = ds.train.num_chars(cid)  # unknown ids: a FedtextError with suggestions
-        if n < cfg.data.min_chars():
-            raise FedtextError(f"client {cid} has {n} train chars: no batch of "
-                               f"{cfg.data.batch_size}x{cfg.data.seq_len} without padding "
-                               f"(needs {cfg.data.min_chars()}); drop --drop-remainder or "
-                               "pick another client")
-    sampler = sampling.build(cfg.sampling, ds.train.client_ids, ds.train.chars_per_client,
+                           f"{population.summary}); use the same --data")
+    sampler = sampling.build(cfg.sampling, population.client_ids, population.sizes,
                              cfg.run.seed, cfg.data.min_chars(),
                              f"a batch of {cfg.data.batch_size}x{cfg.data.seq_len}")
     if saved is not None:
@@ -168,11 +218,7 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
                                f"{task.vocab.size}")
         model_config = model.config
     check_step_memory(model_config, cfg.data.batch_size, cfg.data.seq_len)  # before batching
-    eval_set, eval_ids = None, []
-    if cfg.eval.every > 0:
-        eval_ids = list(cfg.eval.client_ids) or eval_sample(ds.test, cfg.eval.clients,
-                                                              cfg.run.seed)
-        eval_set = build_eval_set(ds.test, eval_ids, task, cfg.data)
+    evaluator = population.evaluator(cfg) if cfg.eval.every > 0 else None
 
     cfg = replace(cfg, model=cfg.model.resolved(model_config))
     compute = cfg.model.compute()
@@ -181,7 +227,7 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
     if cfg.client.schedule != ScheduleConfig():
         client_lr = schedule(cfg.client.schedule, cfg.client.lr, cfg.run.rounds)
 
-    with backends.build(cfg.backend) as backend:
+    with (backends.build(cfg.backend) if backend is None else nullcontext(backend)) as backend:
         algorithm = fed_avg(client, server_optimizers.build(cfg.server, cfg.run.rounds),
                             aggregators.build(cfg.aggregator), cfg.aggregator.weighting,
                             backend, seed=cfg.run.seed, client_lr=client_lr,
@@ -195,15 +241,10 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
         else:
             state = algorithm.init({k: v.detach() for k, v in model.state_dict().items()})
 
-        def client_data(cid):  # a name, not batches: the batches are built in the client job
-            return ClientData(cfg.data.source, cid, cfg.data, cfg.client.max_batches, "train",
-                              cache)
-
         eval_model = cached_model(model_config, compute)
 
         def run_eval(params):
-            load_params(eval_model, params)
-            return evaluate(eval_model, eval_set, progress=progress)
+            return evaluator.evaluate(eval_model, params, progress)
 
         compute_info = recurrences.describe_compute(model_config, compute)  # or a clear error
         log("compute: " + ", ".join(f"{k} {v}" for k, v in compute_info.items()))
@@ -213,7 +254,8 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
 
         def extra() -> dict:  # saved beside the server state: what resume checks against
             return {"config": C.to_dict(cfg), "model_config": model_config.to_dict(),
-                    "data": summary, "eval_client_ids": eval_ids,
+                    "data": population.summary,
+                    "eval_client_ids": evaluator.client_ids if evaluator else [],
                     "compute": compute_info}
 
         path = "/".join(str(compute_info[k]) for k in ("impl", "kernel", "precision")
@@ -224,15 +266,15 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             if saved is None:
                 recorder.save(state)  # from here on, --resume works
             rows = recorder.rows()
-            if state.round == 0 and eval_set is not None and not rows:
+            if state.round == 0 and evaluator is not None and not rows:
                 t0 = time.perf_counter()
                 row = {"round": 0, "clients": 0, "chars": 0, **run_eval(state.params)}
                 row["seconds"] = row["eval_seconds"] = time.perf_counter() - t0
                 recorder.log_row(row)
-                log(format_row(row) + f"  (before training; eval on {len(eval_ids)} test "
-                    f"clients, {eval_set.chars:,} chars)")
-            state = run_rounds(algorithm, state, sampler, client_data, cfg.run.rounds,
-                               evaluate=run_eval if eval_set is not None else None,
+                log(format_row(row) + f"  (before training; eval on {evaluator.describe})")
+            state = run_rounds(algorithm, state, sampler, population.client_data,
+                               cfg.run.rounds,
+                               evaluate=run_eval if evaluator is not None else None,
                                eval_due=cfg.eval.due, on_round=recorder, progress=progress,
                                log=log, until=until_round)
         finally:
@@ -247,13 +289,15 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
 
         last_eval = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})
         save_checkpoint(out / FINAL_DIR, final, vocab=task.vocab, provenance={
-            "kind": "federated", "base_model": cfg.model.init, "data": summary["name"],
+            "kind": "federated", "base_model": cfg.model.init,
+            "data": population.summary["name"],
             "task": task.name, "rounds": state.round, "command": command,
             "seed": cfg.run.seed, "config": C.to_dict(cfg), "compute": extra()["compute"],
             "eval_loss": last_eval.get("eval_loss"),
             "eval_accuracy": last_eval.get("eval_accuracy"),
         })
-    return TrainResult(state, rows, out, final.eval(), eval_set)
+    return TrainResult(state, rows, out, final.eval(),
+                       getattr(evaluator, "eval_set", None))
 
 
 def run_rows(out: str | Path) -> list[dict]:
