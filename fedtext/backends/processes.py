@@ -12,7 +12,7 @@ How a round travels (no pickle of the model per client):
     main                                     worker k (spawned once, keeps its model)
     global params -> shared-memory buffer    reads them from the buffer (a view, no copy)
     ("round", token, fn, config)  ------->   once per round and worker
-    ("job", i, job) ---------------------->  job names its client's data (ClientData): the
+    ("job", i, slot, job) ---------------->  job names its client's data (ClientData): the
                                              worker opens the memory-mapped store itself
                                       <----  ("done", i, result without delta); the delta is
                                              in worker k's own shared result buffer
@@ -71,10 +71,14 @@ def _views(buf: torch.Tensor, layout: tuple) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker_main(conn, params_buf, result_buf, layout, threads: int) -> None:
+DEPTH = 2  # jobs queued per worker: the next one waits in the pipe while main aggregates
+
+
+def _worker_main(conn, params_buf, result_bufs, layout, threads: int) -> None:
     """A worker's loop: take the round's fn and config, then jobs, until told to stop."""
     torch.set_num_threads(threads)
-    params, delta_out = _views(params_buf, layout), _views(result_buf, layout)
+    params = _views(params_buf, layout)
+    outs = [_views(b, layout) for b in result_bufs]  # one result buffer per queue slot
     fn = shared = None
     conn.send(("ready", os.getpid()))
     while True:
@@ -87,48 +91,58 @@ def _worker_main(conn, params_buf, result_buf, layout, threads: int) -> None:
         if msg[0] == "round":
             fn, shared = msg[2], {**msg[3], "global_params": params}
             continue
-        _, token, i, job = msg
+        _, token, i, slot, job = msg
         try:
             result = fn(**shared, **job)
         except KeyboardInterrupt:
             return
         except Exception as e:  # the client's problem: the main process applies the policy
-            conn.send(("failed", token, i, failure(e)))
+            conn.send(("failed", token, i, slot, failure(e)))
             continue
-        delta = getattr(result, "delta", None)
-        if isinstance(delta, dict) and delta.keys() == delta_out.keys() and hasattr(
-                result, "_replace"):
-            torch._foreach_copy_(list(delta_out.values()), [delta[k] for k in delta_out])
-            conn.send(("done", token, i, result._replace(delta=None), True))
+        delta, out = getattr(result, "delta", None), outs[slot]
+        if isinstance(delta, dict) and delta.keys() == out.keys() and hasattr(result,
+                                                                              "_replace"):
+            torch._foreach_copy_(list(out.values()), [delta[k] for k in out])
+            conn.send(("done", token, i, slot, result._replace(delta=None), True))
         else:  # any other result (an evaluation's sums): small, so it goes by pipe
-            conn.send(("done", token, i, result, False))
+            conn.send(("done", token, i, slot, result, False))
 
 
 class _Worker:
     def __init__(self, ctx, layout, threads):
-        self.params_buf = None  # set by the backend (shared by all workers)
-        self.result_buf = torch.empty(_buffer_bytes(layout), dtype=torch.uint8).share_memory_()
+        self.result_bufs = [torch.empty(_buffer_bytes(layout), dtype=torch.uint8)
+                            .share_memory_() for _ in range(DEPTH)]
         self.layout, self.threads, self.ctx = layout, threads, ctx
         self.token = None  # the round whose fn/config this worker holds
-        self.job: tuple[int, float] | None = None  # (job index, start time) of this round
-        self.outstanding = 0  # jobs sent and not answered (a left-over one from an abandoned
-        # map call is answered first, and its answer discarded)
+        # Jobs of this round sent and not answered, oldest first: (index, slot); the oldest
+        # one has been running since `started`.
+        self.queue: deque = deque()
+        self.started = 0.0
+        self.outstanding = 0  # all jobs sent and not answered: an abandoned call's left-over
+        # ones are answered first, and their answers discarded
         self.proc = self.conn = None
 
     def start(self, params_buf) -> None:
         ours, theirs = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=_worker_main, daemon=True, args=(
-            theirs, params_buf, self.result_buf, self.layout, self.threads))
+            theirs, params_buf, self.result_bufs, self.layout, self.threads))
         self.proc.start()
         theirs.close()
-        self.conn, self.token, self.job, self.outstanding = ours, None, None, 0
+        self.conn, self.token, self.outstanding = ours, None, 0
+        self.queue = deque()
+
+    def free_slot(self) -> int:
+        used = {slot for _, slot in self.queue}
+        return next(k for k in range(DEPTH) if k not in used)
 
     def wait_ready(self) -> None:
-        if not self.conn.poll(_START_TIMEOUT):
-            raise RuntimeError("a worker process did not start")
-        msg = self.conn.recv()
-        if msg[0] != "ready":
-            raise RuntimeError(f"a worker process said {msg!r} on start")
+        try:
+            ok = self.conn.poll(_START_TIMEOUT)
+            msg = self.conn.recv() if ok else None
+        except (EOFError, OSError):
+            msg = None
+        if msg is None or msg[0] != "ready":
+            raise RuntimeError(f"a worker process did not start ({msg!r})")
         self.pid = msg[1]
 
     def kill(self) -> None:
@@ -182,82 +196,93 @@ class ProcessBackend:
         params = shared.pop("global_params")
         self._ensure(params)
         # The round's params go into shared memory once; every worker reads the same bytes.
+        # (Workers still busy with an abandoned call's job would read them too: wait for them.)
+        for w in self.workers:
+            while w.outstanding:
+                self._drain_one(w)
         torch._foreach_copy_(list(_views(self.params_buf, self.layout).values()),
                              [params[k] for k, *_ in self.layout])
         self.token += 1
         token = self.token
         pending = deque(range(len(jobs)))
-        busy: dict[int, _Worker] = {}  # job index -> worker
         for w in self.workers:
-            w.job = None  # a job of an abandoned call is only `outstanding` now
+            w.queue.clear()
 
         def dispatch() -> None:
-            for w in self.workers:
-                if not pending:
-                    return
-                if w.outstanding:
-                    continue
-                i = pending.popleft()
-                if w.token != token:
-                    w.conn.send(("round", token, fn, shared))
-                    w.token = token
-                w.conn.send(("job", token, i, jobs[i]))
-                w.outstanding += 1
-                w.job = (i, time.monotonic())
-                busy[i] = w
+            for _ in range(DEPTH):  # breadth first: every worker busy before any gets two
+                for w in self.workers:
+                    if not pending or len(w.queue) >= DEPTH:
+                        continue
+                    i = pending.popleft()
+                    if w.token != token:
+                        w.conn.send(("round", token, fn, shared))
+                        w.token = token
+                    slot = w.free_slot()
+                    w.conn.send(("job", token, i, slot, jobs[i]))
+                    if not w.queue:
+                        w.started = time.monotonic()
+                    w.queue.append((i, slot))
+                    w.outstanding += 1
 
         def lost(w: _Worker) -> None:
-            """w died: a new worker re-runs its job, with the same result (it depends only on
-            the job and the round)."""
-            if w.job is not None:
-                busy.pop(w.job[0], None)
-                pending.appendleft(w.job[0])
+            """w died: a new worker re-runs its jobs, with the same results (they depend only
+            on the job and the round)."""
+            pending.extendleft(i for i, _ in reversed(w.queue))
             self._replace(w)
 
         dispatch()
-        while busy:
-            waiting = [w for w in self.workers if w.outstanding]
+        while any(w.queue for w in self.workers):
+            busy = [w for w in self.workers if w.queue]
             wait_s = None
             if timeout is not None:
-                wait_s = max(0.0, min(w.job[1] + timeout for w in busy.values()) -
-                             time.monotonic())
-            ready = mpc.wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting],
-                             wait_s)
-            for w in waiting:
+                wait_s = max(0.0, min(w.started + timeout for w in busy) - time.monotonic())
+            ready = mpc.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], wait_s)
+            for w in busy:
                 if w.conn in ready and w.conn.poll():
                     try:
                         msg = w.conn.recv()
                     except (EOFError, OSError):
                         lost(w)
                         continue
+                    i, slot = w.queue.popleft()
                     w.outstanding -= 1
-                    if msg[1] != token:
-                        continue  # the answer to an abandoned call's job: not this round's
-                    i = msg[2]
-                    del busy[i]
-                    w.job = None
-                    yield i, self._result(msg, w)
+                    w.started = time.monotonic()  # the next queued job starts now
+                    result = self._result(msg, w)  # copied out of the slot before reuse
+                    dispatch()  # the worker gets its next job before we aggregate this one
+                    yield i, result
                 elif w.proc.sentinel in ready or not w.proc.is_alive():
                     lost(w)
-                elif timeout is not None and w.job is not None and \
-                        time.monotonic() - w.job[1] > timeout:
-                    i, t0 = w.job
-                    del busy[i]
+                    dispatch()
+                elif timeout is not None and time.monotonic() - w.started > timeout:
+                    i, _ = w.queue.popleft()  # the straggler; its queued follower re-runs
+                    took = time.monotonic() - w.started
+                    pending.extendleft(j for j, _ in reversed(w.queue))
                     self._replace(w)
-                    yield i, ClientFailure(f"timed out ({time.monotonic() - t0:.1f} s > "
-                                           f"{timeout:g} s)")
-            dispatch()
+                    dispatch()
+                    yield i, ClientFailure(f"timed out ({took:.1f} s > {timeout:g} s)")
+
+    def _drain_one(self, w: _Worker) -> None:
+        """Wait for one answer of an abandoned call (or the worker's death) and drop it."""
+        try:
+            if w.conn.poll(_START_TIMEOUT):
+                w.conn.recv()
+                w.outstanding -= 1
+                return
+        except (EOFError, OSError):
+            pass
+        self._replace(w)
 
     def _result(self, msg, w: _Worker):
+        if msg[1] != self.token:  # pragma: no cover - map drains abandoned jobs first
+            raise RuntimeError("a worker answered for another round")
         if msg[0] == "failed":
-            return msg[3]
-        _, _, i, result, in_buffer = msg
+            return msg[4]
+        _, _, i, slot, result, in_buffer = msg
         if not in_buffer:
             return result
-        # Copy the delta out: the worker's buffer is overwritten by its next job.
-        delta = {k: v.clone() for k, v in _views(w.result_buf, self.layout).items()}
+        # Copy the delta out: the worker's buffer slot is overwritten by a later job.
+        delta = {k: v.clone() for k, v in _views(w.result_bufs[slot], self.layout).items()}
         return result._replace(delta=delta)
-
     def close(self) -> None:
         for w in self.workers:
             try:
