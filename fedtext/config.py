@@ -9,6 +9,7 @@ consumers, and the command-line flags that fill the same dataclasses.
     [server]      fl.server_optimizers.ServerConfig   server optimizer (+ [server.schedule])
     [aggregator]  fl.aggregators.AggregatorConfig     mean / norm bound, client weighting
     [faults]      fl.algorithm.FaultConfig            failing clients: fail or drop
+    [dp]          fl.privacy.DPConfig                 DP-FedAvg: clipping, noise, accounting
     [eval]        run.evaluation.EvalConfig           held-out evaluation
     [backend]     backends.base.BackendConfig         where clients train
 
@@ -44,6 +45,7 @@ from fedtext.errors import FedtextError
 from fedtext.fl.aggregators import AggregatorConfig
 from fedtext.fl.algorithm import FaultConfig
 from fedtext.fl.client import ClientConfig
+from fedtext.fl.privacy import DPConfig
 from fedtext.fl.sampling import SamplingConfig
 from fedtext.fl.server_optimizers import ServerConfig
 from fedtext.model.spec import ModelSpec
@@ -68,6 +70,7 @@ class ExperimentConfig:
     server: ServerConfig = ServerConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
     faults: FaultConfig = FaultConfig()
+    dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()
     backend: BackendConfig = BackendConfig()
 

@@ -64,6 +64,9 @@ class Aggregator(NamedTuple):
 
     init: Callable[[Params], Any]
     aggregate: Callable[[Iterable[tuple[Params, float]], Any], tuple[Params, Any]]
+    # (params, state) -> (delta, state) for a round with no client at all (Poisson sampling
+    # can draw none); None: such a round is an error.
+    aggregate_empty: Callable[[Params, Any], tuple[Params, Any]] | None = None
 
 
 class MeanState(NamedTuple):

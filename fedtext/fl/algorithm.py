@@ -150,7 +150,15 @@ def fed_avg(client_config: ClientConfig,
               on_result: Callable[[int, Any], None] | None = None):
         clients = list(clients)
         if not clients:
-            raise FedtextError("a round needs at least one client")
+            if aggregator.aggregate_empty is None:
+                raise FedtextError("a round needs at least one client")
+            # Poisson sampling drew nobody: DP still releases (noise) and charges the round.
+            delta, agg_state = aggregator.aggregate_empty(state.params, state.agg_state)
+            params, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+            metrics = round_metrics([], [], [])
+            metrics.update(round=state.round, delta_norm=P.global_norm(delta),
+                           client_lr=getattr(client_config, "lr", None), dropped=[])
+            return ServerState(params, opt_state, agg_state, state.round + 1), metrics
         config = client_config
         if client_lr is not None:
             config = replace(config, lr=client_lr(state.round))

@@ -7,6 +7,9 @@ same seed whichever backend (sequential, Ray, Flower) runs it.
 
     UniformSampler(client_ids, num_clients_per_round, seed).sample(round)   without replacement
     WeightedSampler(client_ids, num_clients_per_round, weights, seed)       P ~ weights (data size)
+    PoissonSampler(client_ids, q, seed)       each client independently with probability q
+                                              (DP accounting's Poisson subsampling; a round may
+                                              be empty)
     FixedSampler(client_ids).sample(round)                                  the same list each round
 
 The [sampling] table (`SamplingConfig`) picks one of SAMPLERS by name; a fixed `clients` list
@@ -91,6 +94,27 @@ class WeightedSampler:
 
 
 @dataclass(frozen=True)
+class PoissonSampler:
+    """Every client joins round r independently with probability q (client order kept)."""
+
+    client_ids: Sequence
+    q: float  # inclusion probability: expected clients per round / population
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.q <= 1:
+            raise FedtextError(f"Poisson sampling's q must be in (0, 1], got {self.q}")
+
+    @property
+    def num_clients_per_round(self) -> float:
+        return self.q * len(self.client_ids)  # the expected number
+
+    def sample(self, round: int) -> list:
+        take = round_rng(self.seed, round).random(len(self.client_ids)) < self.q
+        return [c for c, t in zip(self.client_ids, take) if t]
+
+
+@dataclass(frozen=True)
 class FixedSampler:
     """The same clients every round, in the given order (the tutorial's first clients)."""
 
@@ -107,6 +131,7 @@ class FixedSampler:
 SAMPLERS = Registry("sampling")
 SAMPLERS.register("uniform", lambda ids, sizes, k, seed: UniformSampler(ids, k, seed))
 SAMPLERS.register("weighted", lambda ids, sizes, k, seed: WeightedSampler(ids, k, sizes, seed))
+SAMPLERS.register("poisson", lambda ids, sizes, k, seed: PoissonSampler(ids, k / len(ids), seed))
 
 
 @dataclass(frozen=True)
@@ -115,9 +140,10 @@ class SamplingConfig:
 
     method: str = field(default="uniform", metadata={
         "flag": "sampling", "choices": SAMPLERS.names,
-        "help": "how clients are drawn: uniform, or weighted by their characters"})
+        "help": "how clients are drawn: uniform (exactly K, without replacement), weighted "
+        "by their characters, or poisson (each client with probability K / clients)"})
     clients_per_round: int = field(default=10, metadata={
-        "metavar": "K", "help": "clients sampled each round"})
+        "metavar": "K", "help": "clients sampled each round (poisson: the expected number)"})
     clients: tuple[str, ...] = field(default=(), metadata={
         "metavar": "ID,...", "help": "comma-separated train client ids to use every round "
         "instead of sampling"})

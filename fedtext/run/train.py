@@ -114,6 +114,62 @@ class Population:
     evaluator: Callable[[C.ExperimentConfig], object]
 
 
+@dataclass
+class DPSetup:
+    aggregator: object  # fl.privacy.dp_gaussian(...)
+    annotate: Callable  # (state, row) -> the round's privacy entries
+    record: dict  # what the run saves: noise multiplier, population, cohort, sampling
+
+
+def dp_setup(cfg: C.ExperimentConfig, sampler, saved: dict | None, log) -> DPSetup | None:
+    """The DP aggregator and per-round accounting of cfg.dp (None when DP is off)."""
+    from fedtext.fl import accounting, privacy
+
+    d = cfg.dp
+    if d.mode is None:
+        return None
+    if cfg.aggregator.weighting != "uniform":
+        raise FedtextError("differential privacy weighs every client the same (the unit of "
+                           f"privacy is a client): use --weighting uniform, not "
+                           f"{cfg.aggregator.weighting}")
+    if cfg.aggregator.name != "mean" or cfg.aggregator.clip_norm is not None:
+        raise FedtextError("differential privacy clips and averages by itself: drop "
+                           "--aggregator / --clip-norm (use --dp-clip)")
+    if cfg.sampling.clients or cfg.sampling.method not in accounting.SAMPLINGS:
+        raise FedtextError("differential privacy needs random clients each round: --sampling "
+                           "poisson (each client with probability K/N) or uniform (exactly K)")
+    population, cohort = len(sampler.client_ids), cfg.sampling.clients_per_round
+    accounting.check_delta(d.delta, population)
+    kind, acc = cfg.sampling.method, d.accountant
+    accounting.make_accountant(kind, acc)  # pld with uniform sampling: refused here
+    if saved is not None and saved.get("dp"):
+        z = saved["dp"]["noise_multiplier"]  # as started: a resumed run's noise is the same
+    elif d.noise_multiplier is not None:
+        z = d.noise_multiplier
+    else:
+        z = accounting.calibrate(d.target_epsilon, cfg.run.rounds, d.delta, kind, population,
+                                 cohort, acc)
+        log(f"dp: noise multiplier {z:.4f} spends epsilon {d.target_epsilon:g} at delta "
+            f"{d.delta:g} in {cfg.run.rounds} rounds ({kind} sampling, {cohort} of "
+            f"{population} clients, {acc.upper()})")
+    clip = d.clip if d.clip is not None else 0.1  # TFF's initial_l2_norm_clip
+    aggregator = privacy.dp_gaussian(
+        z, cohort, clip, adaptive=d.mode == "adaptive", target_quantile=d.target_quantile,
+        clip_lr=d.clip_lr, clipped_count_stddev=d.clipped_count_stddev, zeroing=d.zeroing,
+        seed=cfg.run.seed)
+
+    def annotate(state, row):
+        s = state.agg_state
+        return {"epsilon": accounting.epsilon(z, state.round, d.delta, kind, population,
+                                              cohort, acc),
+                "dp_clip": s.last_clip, "dp_next_clip": s.clip, "dp_clipped": s.last_clipped,
+                "dp_zeroed": s.last_zeroed, "dp_noise_multiplier": z}
+
+    return DPSetup(aggregator, annotate, {"noise_multiplier": z, "population": population,
+                                          "cohort": cohort, "sampling": kind,
+                                          "delta": d.delta, "accountant": acc})
+
+
 def simulated_population(cfg: C.ExperimentConfig, task, cache: str | None) -> Population:
     """The clients of cfg.data's dataset, each job naming its client's data (ClientData)."""
     ds = open_dataset(cfg.data.source, cache)
@@ -227,9 +283,12 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
     if cfg.client.schedule != ScheduleConfig():
         client_lr = schedule(cfg.client.schedule, cfg.client.lr, cfg.run.rounds)
 
+    dp = dp_setup(cfg, sampler, saved, log)
+    aggregator = dp.aggregator if dp else aggregators.build(cfg.aggregator)
+
     with (backends.build(cfg.backend) if backend is None else nullcontext(backend)) as backend:
         algorithm = fed_avg(client, server_optimizers.build(cfg.server, cfg.run.rounds),
-                            aggregators.build(cfg.aggregator), cfg.aggregator.weighting,
+                            aggregator, cfg.aggregator.weighting,
                             backend, seed=cfg.run.seed, client_lr=client_lr,
                             faults=cfg.faults)
         if saved is not None:
@@ -256,12 +315,13 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             return {"config": C.to_dict(cfg), "model_config": model_config.to_dict(),
                     "data": population.summary,
                     "eval_client_ids": evaluator.client_ids if evaluator else [],
-                    "compute": compute_info}
+                    "compute": compute_info, "dp": dp.record if dp else None}
 
         path = "/".join(str(compute_info[k]) for k in ("impl", "kernel", "precision")
                         if compute_info.get(k))
         # Every row names the recurrence path that computed it (kernel/avx512/fp32, ...).
-        recorder = RunRecorder(out, extra, state.round, tensorboard, fields={"compute": path})
+        recorder = RunRecorder(out, extra, state.round, tensorboard, fields={"compute": path},
+                               annotate=dp.annotate if dp else None)
         try:
             if saved is None:
                 recorder.save(state)  # from here on, --resume works
@@ -295,7 +355,13 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             "seed": cfg.run.seed, "config": C.to_dict(cfg), "compute": extra()["compute"],
             "eval_loss": last_eval.get("eval_loss"),
             "eval_accuracy": last_eval.get("eval_accuracy"),
+            "dp": None if dp is None else {**dp.record, "epsilon": rows[-1].get("epsilon")},
         })
+    if dp is not None and rows:
+        log(f"privacy spent: epsilon {rows[-1].get('epsilon'):.4g} at delta "
+            f"{cfg.dp.delta:g} after {state.round} rounds (noise multiplier "
+            f"{dp.record['noise_multiplier']:.4g}, {cfg.sampling.method} sampling of "
+            f"{cfg.sampling.clients_per_round} of {dp.record['population']} clients)")
     return TrainResult(state, rows, out, final.eval(),
                        getattr(evaluator, "eval_set", None))
 
