@@ -290,10 +290,13 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
         algorithm = fed_avg(client, server_optimizers.build(cfg.server, cfg.run.rounds),
                             aggregator, cfg.aggregator.weighting,
                             backend, seed=cfg.run.seed, client_lr=client_lr,
-                            faults=cfg.faults)
+                            faults=cfg.faults, attack=cfg.attack,
+                            compression=cfg.compression,
+                            char_ids=(task.vocab.first_id, len(task.vocab.chars)))
         if saved is not None:
             # A fresh init state is the template of types (NamedTuples) the saved values fill.
             template = algorithm.init(saved["server_state"]["params"])
+            saved["server_state"].setdefault("codec_state", {})  # fedtext 0.1 had none
             state = restore(template, saved["server_state"], "server_state", str(out / STATE_FILE))
             restore_rngs(saved)
             log(f"resuming {out} after round {state.round} of {cfg.run.rounds}")
