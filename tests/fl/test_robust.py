@@ -16,7 +16,7 @@ from fedtext.fl import params as P
 from fedtext.fl import robust as R
 from fedtext.fl.algorithm import FaultConfig, fed_avg
 from fedtext.fl.attacks import AttackConfig
-from fedtext.fl.client import ClientConfig, ClientResult
+from fedtext.fl.client import ClientResult
 from fedtext.fl.compression import CompressionConfig
 from fedtext.run.train import train
 
