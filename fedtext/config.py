@@ -80,6 +80,12 @@ class ExperimentConfig:
     eval: EvalConfig = EvalConfig()
     backend: BackendConfig = BackendConfig()
 
+    def __post_init__(self):
+        if self.backend.device != "cpu":
+            from fedtext.model.spec import check_device
+
+            check_device(self.backend.device)
+
     def resolved(self) -> ExperimentConfig:
         """Defaults that depend on other settings spelled out (the server optimizer's)."""
         return replace(self, server=self.server.resolved())

@@ -137,6 +137,8 @@ class BackendConfig:
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads per worker (default: torch's choice in process, 1 in "
         "each worker)"})
+    device: str = field(default="cpu", metadata={
+        "metavar": "cpu|cuda[:N]", "help": "where clients train and the model is evaluated"})
     ray_address: str | None = field(default=None, metadata={
         "help": "join this Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start Ray on "
         "this machine"})

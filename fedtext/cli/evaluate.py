@@ -35,14 +35,17 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", help="data cache (default $FEDTEXT_CACHE or ~/.cache/fedtext)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=evaluate_cmd)
 
 
-def load_model(spec: str):
+def load_model(spec: str, device: str = "cpu"):
     """--model -> (CharRNN, Vocab, config.json dict); a run directory stands for its model."""
     from fedtext.model.checkpoint import checkpoint_vocab, load_checkpoint, resolve_model_spec
+    from fedtext.model.spec import check_device
 
-    model, config = load_checkpoint(resolve_model_spec(spec))
+    check_device(device)
+    model, config = load_checkpoint(resolve_model_spec(spec), device=device)
     return model, checkpoint_vocab(config), config
 
 
@@ -58,7 +61,7 @@ def evaluate_cmd(args) -> int:
             raise FedtextError(f"--{flag.replace('_', '-')} must be >= 1, not {v}")
     if args.random and (args.clients is not None or args.data):
         raise FedtextError("--random evaluates on random text: it takes no --clients or --data")
-    model, vocab, _ = load_model(args.model)
+    model, vocab, _ = load_model(args.model, args.device)
     extra = {}
     if args.random:
         batches = random_text_batches(args.max_batches or 100, args.batch_size, args.seq_len,

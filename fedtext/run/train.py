@@ -278,7 +278,8 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
 
     cfg = replace(cfg, model=cfg.model.resolved(model_config))
     compute = cfg.model.compute()
-    client = replace(cfg.client, model=model_config, compute=compute)
+    device = cfg.backend.device
+    client = replace(cfg.client, model=model_config, compute=compute, device=device)
     client_lr = None
     if cfg.client.schedule != ScheduleConfig():
         client_lr = schedule(cfg.client.schedule, cfg.client.lr, cfg.run.rounds)
@@ -303,12 +304,12 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
         else:
             state = algorithm.init({k: v.detach() for k, v in model.state_dict().items()})
 
-        eval_model = cached_model(model_config, compute)
+        eval_model = cached_model(model_config, compute, device=device)
 
         def run_eval(params):
             return evaluator.evaluate(eval_model, params, progress)
 
-        compute_info = recurrences.describe_compute(model_config, compute)  # or a clear error
+        compute_info = recurrences.describe_compute(model_config, compute, device)  # or an error
         log("compute: " + ", ".join(f"{k} {v}" for k, v in compute_info.items()))
         C.save_toml(cfg, out / CONFIG_FILE, header="fedtext train: the effective configuration "
                     "of this run (flags > --config TOML > defaults).\n`fedtext train --config "
@@ -344,7 +345,7 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             recorder.close()
 
     # A copy of the built model, not CharRNN(...): a GRU 1024's orthogonal init takes seconds.
-    final = copy.deepcopy(eval_model)
+    final = copy.deepcopy(eval_model).cpu()
     load_params(final, state.params)
     rows = recorder.rows()
     if state.round >= cfg.run.rounds:
