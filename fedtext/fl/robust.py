@@ -60,12 +60,13 @@ def _out(vec: torch.Tensor, like: Params) -> Params:
     return {k: v.clone() for k, v in P.unflatten(vec.contiguous(), like).items()}
 
 
+def _init(params):
+    del params
+    return RobustState(0, ())
+
+
 def median() -> Aggregator:
     """Coordinate-wise median of the deltas (module docstring)."""
-    def init(params):
-        del params
-        return RobustState(0, ())
-
     def aggregate(deltas_and_weights, state):
         like, X, _ = _stack(deltas_and_weights)
         n = X.shape[0]
@@ -73,7 +74,7 @@ def median() -> Aggregator:
         mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
         return _out(mid, like), RobustState(state.rounds + 1, ())
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init, aggregate)
 
 
 def trimmed_mean(beta: float) -> Aggregator:
@@ -85,10 +86,6 @@ def trimmed_mean(beta: float) -> Aggregator:
     if not 0 <= beta < 0.5:
         raise FedtextError(f"trim fraction must be in [0, 0.5), got {beta}")
 
-    def init(params):
-        del params
-        return RobustState(0, ())
-
     def aggregate(deltas_and_weights, state):
         like, X, _ = _stack(deltas_and_weights)
         n = X.shape[0]
@@ -96,7 +93,7 @@ def trimmed_mean(beta: float) -> Aggregator:
         s = X.sort(dim=0).values
         return _out(s[k:n - k].mean(dim=0), like), RobustState(state.rounds + 1, ())
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init, aggregate)
 
 
 def krum(f: int, m: int | None = 1) -> Aggregator:
@@ -109,10 +106,6 @@ def krum(f: int, m: int | None = 1) -> Aggregator:
     """
     if f < 0 or (m is not None and m < 1):
         raise FedtextError(f"krum needs f >= 0 and m >= 1, got f={f}, m={m}")
-
-    def init(params):
-        del params
-        return RobustState(0, ())
 
     def aggregate(deltas_and_weights, state):
         like, X, _ = _stack(deltas_and_weights)
@@ -130,7 +123,7 @@ def krum(f: int, m: int | None = 1) -> Aggregator:
         keep = order[:min(n - f if m is None else m, n)]
         return _out(X[keep].mean(dim=0), like), RobustState(state.rounds + 1, tuple(keep))
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init, aggregate)
 
 
 def geometric_median(iters: int = 10, nu: float = 1e-6, tol: float = 1e-7) -> Aggregator:
@@ -143,10 +136,6 @@ def geometric_median(iters: int = 10, nu: float = 1e-6, tol: float = 1e-7) -> Ag
     """
     if iters < 1 or not nu > 0:
         raise FedtextError(f"geometric median needs iters >= 1 and nu > 0, got {iters}, {nu}")
-
-    def init(params):
-        del params
-        return RobustState(0, ())
 
     def aggregate(deltas_and_weights, state):
         like, X, w = _stack(deltas_and_weights)
@@ -165,4 +154,4 @@ def geometric_median(iters: int = 10, nu: float = 1e-6, tol: float = 1e-7) -> Ag
             z = (beta[:, None] * X).sum(0) / beta.sum()
         return _out(z, like), RobustState(state.rounds + 1, ())
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init, aggregate)
