@@ -2,43 +2,45 @@
 
     results = batched_client_updates(global_params, client_datas, config, seeds)
     # == [client_update(global_params, d, config, s) for d, s in zip(client_datas, seeds)]
-    #    within float rounding (float32: ~1e-6 relative on each delta; float64: ~1e-15)
+    #    within float rounding (tests/backends/test_batched.py says how close)
 
 For rounds of many small clients on a GPU, one client at a time leaves the GPU idle (a GRU 256
 step on 8 sequences is a few microseconds of work per kernel launch). Here the G clients'
 weights are stacked ((G, *shape) per tensor, fedtext.model.grouped) and every local step
-trains all of them at once, FedJAX's `for_each_client` idea without vmap: our recurrences are
-custom autograd Functions vmap can't batch, so the grouped model is plain batched matmuls.
+trains all of them at once: FedJAX's `for_each_client` idea without vmap (our recurrences are
+custom autograd Functions vmap can't batch, so the grouped model is plain batched matmuls).
 
 Clients have different numbers of batches, so the step count is padded:
 
     step s of the group = batch s of every client that has one (epochs concatenated, each
-    capped at max_batches, exactly as client_update iterates them); rows and time steps of
-    smaller batches are padding with mask False
-    loss = sum_g loss_g (each the client's own masked mean): d loss / d W[g] is client g's grad
-    a client that has no batch s takes no step: its weights and optimizer state are kept
-    exactly (torch.where), and its metrics add nothing
+        capped at max_batches, exactly as client_update iterates them); rows and time steps
+        of smaller batches are padding with mask False (counted nowhere)
+    loss = sum_g loss_g, each the client's own masked mean: d loss / d W[g] is client g's grad
+    clients are sorted by their number of batches, so those still training at step s are the
+        first G_s: the step trains those rows (views of the stacked weights) and a client that
+        is done is never written again, weights and optimizer state exactly as it left them
 
-The client optimizers are CLIENT_OPTIMIZERS' torch.optim.SGD / Adam / Adagrad written out on
-the stacked tensors with the same update rules and hyperparameters (torch's single-tensor
-code), with per-client step counts for Adam's bias correction. FedProx adds mu (w - w_global)
-to the gradient, as client_update does.
+The optimizer is torch's own (CLIENT_OPTIMIZERS[config.optimizer]) over the stacked weights:
+SGD, Adam and Adagrad are elementwise with scalar hyperparameters and one step count for the
+clients still training, so each client's rows get exactly the update they would alone.
+FedProx adds mu (w - w_global) to the gradient, as client_update does.
 
-What differs from client_update: the float summation order (bmm vs mm, sums over (T, B) vs
-(B, T)), so float32 results agree to ~1e-6 relative, float64 to ~1e-15; `correct` can differ
-only where two logits tie within that rounding. Precision bf16 is not offered (fp32 only).
+What differs from client_update is the float summation order (bmm vs mm, padded batches), so
+float32 results agree to rounding (which, as between fedtext's one-by-one implementations,
+grows over local steps), float64 to ~1e-13; `correct` can differ only where two logits tie
+within that rounding. Precision bf16 is not offered (fp32 only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 
 from fedtext.data.batching import Batch
 from fedtext.errors import FedtextError
 from fedtext.fl.client import (
+    CLIENT_OPTIMIZERS,
     DTYPES,
     METRIC_SUMS,
     ClientConfig,
@@ -52,85 +54,11 @@ from fedtext.fl.params import Params
 from fedtext.model.char_rnn import CharRNN
 from fedtext.model.grouped import grouped_forward, stack
 
-# ---- the client optimizers on stacked (G, ...) tensors ---------------------------------------
-
-
-class GroupOptimizer(NamedTuple):
-    """init(params) -> state; update(params, grads, state, step) -> (new params, new state).
-
-    params, grads: lists of (G, ...) tensors; state: {name: list aligned with params}; step:
-    (G,) float64, the 1-based count of the step each client is taking. Pure: returns new
-    tensors (the caller keeps the old ones of clients that take no step)."""
-
-    init: Callable
-    update: Callable
-
-
-def sgd(lr: float, momentum: float = 0.0) -> GroupOptimizer:
-    """torch.optim.SGD(lr, momentum): buf = momentum * buf + grad; w -= lr * buf (buf starts
-    at 0, which equals torch's buf = grad on the first step)."""
-    def init(params):
-        return {"buf": [torch.zeros_like(p) for p in params]} if momentum else {}
-
-    def update(params, grads, state, step):
-        del step
-        if momentum:
-            grads = [b * momentum + g for b, g in zip(state["buf"], grads)]
-            state = {"buf": grads}
-        return [p.add(d, alpha=-lr) for p, d in zip(params, grads)], state
-
-    return GroupOptimizer(init, update)
-
-
-def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> GroupOptimizer:
-    """torch.optim.Adam(lr, eps=1e-7) (Keras' epsilon), with each client's own step count."""
-    def init(params):
-        return {"m": [torch.zeros_like(p) for p in params],
-                "v": [torch.zeros_like(p) for p in params]}
-
-    def update(params, grads, state, step):
-        step_size = lr / (1 - b1 ** step)  # (G,) float64, as torch's Python floats
-        bc2_sqrt = (1 - b2 ** step).sqrt()
-        new_p, new_m, new_v = [], [], []
-        for p, g, m, v in zip(params, grads, state["m"], state["v"]):
-            shape = (-1,) + (1,) * (p.dim() - 1)  # per client, broadcast over the weight
-            m = torch.lerp(m, g, 1 - b1)
-            v = (v * b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt.to(p.dtype).view(shape)).add_(eps)
-            new_p.append(p - step_size.to(p.dtype).view(shape) * m / denom)
-            new_m.append(m)
-            new_v.append(v)
-        return new_p, {"m": new_m, "v": new_v}
-
-    return GroupOptimizer(init, update)
-
-
-def adagrad(lr: float, initial_accumulator_value: float = 0.1,
-            eps: float = 1e-7) -> GroupOptimizer:
-    """torch.optim.Adagrad(lr, initial_accumulator_value=0.1, eps=1e-7) (Keras' defaults)."""
-    def init(params):
-        return {"sum": [torch.full_like(p, initial_accumulator_value) for p in params]}
-
-    def update(params, grads, state, step):
-        del step
-        sums = [s.addcmul(g, g) for s, g in zip(state["sum"], grads)]
-        new_p = [p.addcdiv(g, s.sqrt().add_(eps), value=-lr)
-                 for p, g, s in zip(params, grads, sums)]
-        return new_p, {"sum": sums}
-
-    return GroupOptimizer(init, update)
-
-
-def group_optimizer(config: ClientConfig) -> GroupOptimizer:
-    """The GroupOptimizer computing what CLIENT_OPTIMIZERS[config.optimizer] computes."""
-    if config.optimizer == "sgd":
-        return sgd(config.lr, config.momentum)
-    if config.optimizer == "adam":
-        return adam(config.lr)
-    if config.optimizer == "adagrad":
-        return adagrad(config.lr)
-    raise FedtextError(f"batched clients have no {config.optimizer!r} optimizer "
-                       "(sgd, adam, adagrad): use another backend")
+# Optimizers whose update is elementwise, with scalar hyperparameters and one step count: on
+# stacked (G, ...) weights torch's own optimizer computes every client's update exactly as it
+# would for that client alone. (One that reduces over a whole tensor, LARS or Adafactor say,
+# would mix clients: not offered here.)
+ELEMENTWISE = ("sgd", "adam", "adagrad")
 
 
 def check_config(config: ClientConfig) -> None:
@@ -140,7 +68,9 @@ def check_config(config: ClientConfig) -> None:
     if config.compute.precision != "fp32":
         raise FedtextError(f"batched clients compute in fp32 only, not precision "
                            f"{config.compute.precision!r}: use another backend for bf16")
-    group_optimizer(config)
+    if config.optimizer not in ELEMENTWISE:
+        raise FedtextError(f"batched clients train with {', '.join(ELEMENTWISE)}, not "
+                           f"{config.optimizer!r}: use another backend")
 
 
 # ---- a client's batches, checked --------------------------------------------------------------
@@ -168,22 +98,20 @@ def client_steps(client_data: ClientData, config: ClientConfig, seed: int) -> li
 
 
 def _stack_steps(steps: Sequence[Sequence[Batch]], device: torch.device):
-    """Per-client batch lists -> x, y (S, G, B, T) int64, mask (S, G, B, T), active (S, G),
-    padded to the largest B and T; moved to the device in one copy each."""
+    """Per-client batch lists -> x, y (S, G, B, T) int64 and mask (S, G, B, T) bool, padded
+    to the most batches (S) and the largest B and T; on the device in one copy each."""
     S, G = max(map(len, steps)), len(steps)
     B = max(b.x.shape[0] for st in steps for b in st)
     T = max(b.x.shape[1] for st in steps for b in st)
     x = torch.zeros(S, G, B, T, dtype=torch.int64)
     y = torch.zeros(S, G, B, T, dtype=torch.int64)
     mask = torch.zeros(S, G, B, T, dtype=torch.bool)
-    active = torch.zeros(S, G, dtype=torch.bool)
     for g, st in enumerate(steps):
         for s, b in enumerate(st):
             rows, cols = b.x.shape
             x[s, g, :rows, :cols], y[s, g, :rows, :cols] = b.x, b.y
             mask[s, g, :rows, :cols] = b.mask
-            active[s, g] = True
-    return tuple(t.to(device, non_blocking=True) for t in (x, y, mask, active))
+    return tuple(t.to(device, non_blocking=True) for t in (x, y, mask))
 
 
 def group_batch_sums(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
@@ -215,9 +143,15 @@ def _param_shapes(config: ClientConfig) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
-def _keep(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """new for the clients that took this step (active (G,)), old (exactly) for the others."""
-    return torch.where(active.view((-1,) + (1,) * (old.dim() - 1)), new, old)
+def _first(n: int, weights: list, opt: torch.optim.Optimizer, config: ClientConfig):
+    """The first n clients of `weights` and of `opt`'s state, as new leaves that are views
+    (stepping them updates the stacked weights in place), with an optimizer over them."""
+    rows = [w.detach()[:n].requires_grad_() for w in weights]
+    new_opt = CLIENT_OPTIMIZERS[config.optimizer](rows, config)
+    for w, r in zip(weights, rows):  # per-element state (momentum, moments) sliced; step kept
+        new_opt.state[r] = {k: v[:n] if torch.is_tensor(v) and v.shape == w.shape else v
+                            for k, v in opt.state[w].items()}
+    return rows, new_opt
 
 
 def train_group(global_params: Params, steps: Sequence[Sequence[Batch]],
@@ -234,38 +168,41 @@ def train_group(global_params: Params, steps: Sequence[Sequence[Batch]],
     G, keys = len(steps), list(global_params)
     if G == 0:
         return []
+    # Most batches first: the clients still training at step s are then the first G_s.
+    order = sorted(range(G), key=lambda g: -len(steps[g]))
+    steps = [steps[g] for g in order]
     dev, dtype = torch.device(config.device), DTYPES[config.dtype]
-    start = {k: v.detach().to(dev, dtype) for k, v in global_params.items()}  # FedProx anchor
-    W = [w.requires_grad_() for w in stack(start, G).values()]  # (G, *shape) each
-    opt = group_optimizer(config)
-    state = opt.init([w.detach() for w in W])
-    taken = torch.zeros(G, dtype=torch.float64, device=dev)  # steps each client has taken
+    start = [v.detach().to(dev, dtype) for v in global_params.values()]  # FedProx anchor
+    stacked = list(stack(dict(zip(keys, start)), G).values())  # (G, *shape): every client
+    weights = [w.requires_grad_() for w in stacked]
+    opt = CLIENT_OPTIMIZERS[config.optimizer](weights, config)  # torch's, on stacked weights
     totals = torch.zeros(G, len(METRIC_SUMS), dtype=torch.float64, device=dev)
     mu = config.prox_mu
-    if any(steps):
-        xs, ys, masks, actives = _stack_steps(steps, dev)
-        for x, y, mask, active in zip(xs, ys, masks, actives):
-            logits = grouped_forward(dict(zip(keys, W)), x, config.model)  # (G, T, B, V)
-            loss, sums = group_batch_sums(logits, y, mask)
-            grads = torch.autograd.grad(loss.sum(), W)  # client g's own grads in row g
-            with torch.no_grad():
-                if mu:  # d/dw of mu/2 ||w - w_global||^2
-                    grads = [g.add(w - start[k], alpha=mu) for g, w, k in zip(grads, W, keys)]
-                new_w, new_state = opt.update([w.detach() for w in W], grads, state,
-                                              taken + 1)
-                for w, nw in zip(W, new_w):
-                    w.copy_(_keep(active, nw, w))
-                state = {n: [_keep(active, a, b) for a, b in zip(new_state[n], state[n])]
-                         for n in state}
-                taken += active
-                totals += sums * active.unsqueeze(1)
-    results = []
-    for g, row in enumerate(totals.cpu()):  # the one host sync of the group
+    if steps[0]:
+        xs, ys, masks = _stack_steps(steps, dev)
+        n = G
+        for s in range(len(steps[0])):
+            if len(steps[n - 1]) <= s:  # some clients are done: they take no more steps
+                n = sum(len(st) > s for st in steps)
+                weights, opt = _first(n, weights, opt, config)
+            W = dict(zip(keys, weights))
+            logits = grouped_forward(W, xs[s, :n], config.model)  # (n, T, B, V)
+            loss, sums = group_batch_sums(logits, ys[s, :n], masks[s, :n])
+            opt.zero_grad()
+            loss.sum().backward()  # row g of each grad: client g's own gradient
+            if mu:  # grad of mu/2 ||w - w_global||^2 is mu (w - w_global), as client_update
+                grads = [w.grad for w in weights]
+                torch._foreach_add_(grads, [w.detach() - w0 for w, w0 in zip(weights, start)],
+                                    alpha=mu)
+            opt.step()
+            totals[:n] += sums
+    results = [None] * G
+    glob = list(global_params.values())
+    for j, row in enumerate(totals.cpu()):  # the one host sync of the group
         metrics = summarize(sums_to_dict(row))
-        glob = list(global_params.values())
-        local = [w[g].detach().to(t.device, t.dtype) for w, t in zip(W, glob)]
+        local = [w[j].detach().to(t.device, t.dtype) for w, t in zip(stacked, glob)]
         delta = dict(zip(keys, torch._foreach_sub(glob, local)))  # global - local, fresh
-        results.append(ClientResult(delta, float(metrics["count"]), metrics))
+        results[order[j]] = ClientResult(delta, float(metrics["count"]), metrics)
     return results
 
 

@@ -14,7 +14,8 @@ gradient, which is how fedtext.fl.batched trains a round's clients together on a
 
     idx (G, B, T) --lookup--> xp (G, T, B, 3H|4H) --GRU/LSTM--> (G, T, B, H) --head--> (G, T, B, V)
 
-Time-major inside (G, T, B, .), so step t reads the contiguous-enough slice xp[:, t].
+Layout (G, T, B, .): client first, so every matmul outside the time loop is one bmm over
+(G, T*B, .) rows.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def grouped_gru(xp: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
     H = h0.shape[-1]
     w_t = w_hh.transpose(1, 2)  # (G, H, 3H): h (G, B, H) @ w_t -> (G, B, 3H)
     h, out = h0, []
-    for t in range(xp.shape[1]):
-        x_r, x_z, x_n = xp[:, t].split(H, dim=-1)  # (G, B, H) each
+    # unbind, not xp[:, t]: the backward of T slices would fill T full-size zero gradients
+    for x_t in xp.unbind(1):
+        x_r, x_z, x_n = x_t.split(H, dim=-1)  # (G, B, H) each
         if reset_after:
             g = torch.baddbmm(b_hh.unsqueeze(1), h, w_t)  # h W_hh^T + b_hh: (G, B, 3H)
             g_r, g_z, g_n = g.split(H, dim=-1)
@@ -64,8 +66,8 @@ def grouped_lstm(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     """
     w_t = w_hh.transpose(1, 2)  # (G, H, 4H)
     h, c, out = h0, c0, []
-    for t in range(xp.shape[1]):
-        i, f, g, o = (xp[:, t] + torch.bmm(h, w_t)).chunk(4, dim=-1)  # (G, B, H) each
+    for x_t in xp.unbind(1):  # (G, B, 4H) per step (see grouped_gru)
+        i, f, g, o = (x_t + torch.bmm(h, w_t)).chunk(4, dim=-1)  # (G, B, H) each
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         out.append(h)

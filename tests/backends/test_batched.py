@@ -295,3 +295,22 @@ def test_unsupported_settings_and_config_errors():
         BackendConfig(group_size=4)
     assert "batched" in BACKENDS.names
     assert build(BackendConfig(name="batched")).group_size == 32
+
+
+def test_fedtext_train_with_backend_batched(tmp_path):
+    from helpers import make_clients
+
+    from fedtext.cli.main import main
+    from fedtext.model.checkpoint import load_checkpoint
+
+    data = make_clients(tmp_path / "clients", n=5)
+    tiny = ["--data", data, "--model", "scratch", "--embed-dim", "8", "--hidden-size", "16",
+            "--rounds", "2", "--clients-per-round", "4", "--max-batches", "2", "--seq-len", "40",
+            "--threads", "1", "--no-progress", "--no-tensorboard"]
+    runs = {}
+    for name, flags in (("sequential", []), ("batched", ["--backend", "batched",
+                                                         "--group-size", "3"])):
+        assert main([str(a) for a in ["train", "--out", tmp_path / name, *tiny, *flags]]) == 0
+        runs[name] = load_checkpoint(tmp_path / name / "final")[0].state_dict()
+    for k, v in runs["sequential"].items():
+        assert (runs["batched"][k] - v).abs().max() <= 1e-4 * v.abs().max(), k
