@@ -239,6 +239,16 @@ def test_group_whose_training_fails_is_rerun_one_by_one():
     assert all(isinstance(r, ClientFailure) for _, r in out)
 
 
+def test_timeout_applies_to_a_whole_group_after_the_fact():
+    mc = MODELS["gru"]
+    shared = {"global_params": params_of(mc), "config": ClientConfig(model=mc)}
+    jobs = [{"client_data": [batch(i)], "seed": i} for i in range(3)]
+    out = list(BatchedBackend(group_size=2).map(client_update, jobs, shared, timeout=1e-9))
+    assert [i for i, _ in out] == [0, 1, 2]
+    assert all(isinstance(r, ClientFailure) and "timed out (its group of" in r.reason
+               for _, r in out)
+
+
 def test_other_functions_run_one_job_at_a_time_and_order_is_kept():
     calls = []
 
