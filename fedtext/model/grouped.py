@@ -43,15 +43,13 @@ def grouped_gru(xp: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
     h, out = h0, []
     # unbind, not xp[:, t]: the backward of T slices would fill T full-size zero gradients
     for x_t in xp.unbind(1):
-        x_r, x_z, x_n = x_t.split(H, dim=-1)  # (G, B, H) each
+        x_rz, x_n = x_t[..., : 2 * H], x_t[..., 2 * H:]  # (G, B, 2H), (G, B, H)
         if reset_after:
             g = torch.baddbmm(b_hh.unsqueeze(1), h, w_t)  # h W_hh^T + b_hh: (G, B, 3H)
-            g_r, g_z, g_n = g.split(H, dim=-1)
-            r, z = torch.sigmoid(x_r + g_r), torch.sigmoid(x_z + g_z)
-            n = torch.tanh(x_n + r * g_n)
+            r, z = torch.sigmoid(x_rz + g[..., : 2 * H]).chunk(2, dim=-1)  # one kernel for both
+            n = torch.tanh(x_n + r * g[..., 2 * H:])
         else:  # r multiplies h before the candidate's matmul (the TF1-era Keras GRU)
-            g_r, g_z = torch.bmm(h, w_t[..., : 2 * H]).split(H, dim=-1)
-            r, z = torch.sigmoid(x_r + g_r), torch.sigmoid(x_z + g_z)
+            r, z = torch.sigmoid(x_rz + torch.bmm(h, w_t[..., : 2 * H])).chunk(2, dim=-1)
             n = torch.tanh(x_n + torch.bmm(r * h, w_t[..., 2 * H:]))
         h = (1 - z) * n + z * h
         out.append(h)
