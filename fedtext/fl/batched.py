@@ -146,6 +146,7 @@ def _param_shapes(config: ClientConfig) -> dict[str, tuple]:
 def _first(n: int, weights: list, opt: torch.optim.Optimizer, config: ClientConfig):
     """The first n clients of `weights` and of `opt`'s state, as new leaves that are views
     (stepping them updates the stacked weights in place), with an optimizer over them."""
+    opt.zero_grad()  # the old leaves' grads: not kept alive
     rows = [w.detach()[:n].requires_grad_() for w in weights]
     new_opt = CLIENT_OPTIMIZERS[config.optimizer](rows, config)
     for w, r in zip(weights, rows):  # per-element state (momentum, moments) sliced; step kept
