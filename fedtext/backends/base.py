@@ -149,8 +149,9 @@ class BackendConfig:
         "help": "join this Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start Ray on "
         "this machine"})
     group_size: int | None = field(default=None, metadata={
-        "flag": "group-size", "metavar": "G", "help": "batched: clients trained together "
-        "(default 32; a round of more trains in groups of G, in client order)"})
+        "flag": "group-size", "metavar": "G", "help": "backend batched: clients trained together "
+        "(default 32; a round of more trains in groups of G, in client order; other backends "
+        "ignore it)"})
 
     def __post_init__(self):
         BACKENDS.check(self.name, "name")
@@ -160,8 +161,6 @@ class BackendConfig:
                 raise FedtextError(f"{name} must be >= 1, not {v}")
         if self.ray_address is not None and self.name != "ray":
             raise FedtextError("ray_address needs backend = 'ray'")
-        if self.group_size is not None and self.name != "batched":
-            raise FedtextError("group_size needs backend = 'batched'")
 
 
 def build(cfg: BackendConfig) -> Backend:
