@@ -310,6 +310,9 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             return evaluator.evaluate(eval_model, params, progress)
 
         compute_info = recurrences.describe_compute(model_config, compute, device)  # or an error
+        if cfg.backend.name == "batched":  # the clients train on the grouped model instead
+            compute_info = {**compute_info, "impl": "grouped", "kernel": None,
+                            "clients": "batched"}
         log("compute: " + ", ".join(f"{k} {v}" for k, v in compute_info.items()))
         C.save_toml(cfg, out / CONFIG_FILE, header="fedtext train: the effective configuration "
                     "of this run (flags > --config TOML > defaults).\n`fedtext train --config "
