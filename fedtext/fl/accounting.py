@@ -24,7 +24,9 @@ two confirms. R rounds are SelfComposedDpEvent(event, R).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 
 import dp_accounting as dpa
@@ -34,6 +36,19 @@ from fedtext.errors import FedtextError
 
 SAMPLINGS = ("poisson", "uniform")
 ACCOUNTANTS = ("rdp", "pld")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """dp-accounting logs (through absl) every Renyi order whose bound did not converge, and
+    drops that order from the minimum: expected at some orders, and noise in a training log."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def round_event(noise_multiplier: float, sampling: str, population: int,
@@ -74,7 +89,8 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling: str,
     acc = make_accountant(sampling, accountant)
     acc.compose(dpa.SelfComposedDpEvent(round_event(noise_multiplier, sampling, population,
                                                     cohort), rounds))
-    return float(acc.get_epsilon(delta))
+    with _quiet():
+        return float(acc.get_epsilon(delta))
 
 
 def calibrate(target_epsilon: float, rounds: int, delta: float, sampling: str,
@@ -84,9 +100,10 @@ def calibrate(target_epsilon: float, rounds: int, delta: float, sampling: str,
         return dpa.SelfComposedDpEvent(round_event(z, sampling, population, cohort), rounds)
 
     try:  # a lower end above 0: z = 0 is infinite epsilon (and breaks some events' math)
-        z = dpa.calibrate_dp_mechanism(
-            lambda: make_accountant(sampling, accountant), event, target_epsilon, delta,
-            dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
+        with _quiet():
+            z = dpa.calibrate_dp_mechanism(
+                lambda: make_accountant(sampling, accountant), event, target_epsilon, delta,
+                dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
     except dpa.NoBracketIntervalFoundError:
         raise FedtextError(f"no noise multiplier reaches epsilon {target_epsilon:g} in "
                            f"{rounds} rounds at delta {delta:g}") from None
