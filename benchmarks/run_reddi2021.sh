@@ -10,6 +10,8 @@
 #   code-<commit>/          the committed code the runs execute (git archive: editing the
 #                           checkout never changes a running run; lazy imports included)
 #   venv/                   the dependencies (torch 2.13.0 CPU, constraints.txt pins), no fedtext
+#   cache/                  the runs' own data and kernel cache ($FEDTEXT_CACHE): a checkout
+#                           with other code rebuilding its Shakespeare cache never touches it
 #   reddi2021-<opt>/        each run directory (config.toml, metrics.jsonl, state.pt, final/...)
 #   reddi2021-<opt>.log     its log: one line per round, with an ETA
 #   lane-<n>.log, .pid      the two lanes
@@ -57,7 +59,8 @@ lane() {  # lane N CODE COMMIT: run queued methods until none is left
             resume=()
             [ -f "$run/state.pt" ] && resume=(--resume)
             echo "lane $n: $opt $(date -u +%FT%TZ) ${resume[*]}" >> "$run.log"
-            OMP_NUM_THREADS=1 FEDTEXT_SOURCE_COMMIT="$commit" PYTHONPATH="$code" \
+            OMP_NUM_THREADS=1 FEDTEXT_CACHE="$ROOT/cache" FEDTEXT_SOURCE_COMMIT="$commit" \
+                PYTHONPATH="$code" \
                 "$ROOT/venv/bin/python" -m fedtext benchmark reddi2021 --optimizer "$opt" \
                 --out "$run" --threads 1 --no-progress "${resume[@]}" >> "$run.log" 2>&1 &
             echo $! > "$run.pid"  # the python process: what to SIGSTOP / SIGCONT
