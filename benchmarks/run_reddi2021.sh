@@ -14,7 +14,8 @@
 #                           with other code rebuilding its Shakespeare cache never touches it
 #   reddi2021-<opt>/        each run directory (config.toml, metrics.jsonl, state.pt, final/...)
 #   reddi2021-<opt>.log     its log: one line per round, with an ETA
-#   lane-<n>.log, .pid      the two lanes
+#   lane-<n>.log, .pid      the two lanes; reddi2021-<opt>.pid: a running method's python
+#   run_reddi2021-<commit>.sh  the copy of this script the lanes execute
 #
 # Two lanes, one torch thread each, share the queue avg adam adagrad yogi avgm: a lane takes the
 # next method that is neither done (samples.json written) nor held by the other lane (flock), so
@@ -73,8 +74,12 @@ lane() {  # lane N CODE COMMIT: run queued methods until none is left
 case "${1:-status}" in
 start)
     commit=$(setup)
+    # The lanes run a copy of this script: bash reads a script as it goes, so editing the
+    # checkout's copy under a running lane would change what it does next.
+    cp "$0" "$ROOT/run_reddi2021-$commit.sh"
     for n in $(seq 1 "$LANES"); do
-        nohup setsid "$0" lane "$n" "$ROOT/code-$commit" "$commit" > "$ROOT/lane-$n.log" 2>&1 &
+        nohup setsid bash "$ROOT/run_reddi2021-$commit.sh" lane "$n" "$ROOT/code-$commit" \
+            "$commit" > "$ROOT/lane-$n.log" 2>&1 &
         echo $! > "$ROOT/lane-$n.pid"
         sleep 5  # lane 1 claims avg, lane 2 then adam
     done
@@ -87,7 +92,7 @@ status)
     for opt in "${QUEUE[@]}"; do
         run="$ROOT/reddi2021-$opt"
         if [ -f "$run.log" ]; then
-            last=$(grep -E '^round [0-9]+' "$run.log" | tail -n 1 | cut -c1-150)
+            last=$(grep -E '^round [0-9]+' "$run.log" | tail -n 1 | cut -c1-150 || true)
             done_=""; [ -f "$run/samples.json" ] && done_=" (done)"
             echo "$opt$done_: ${last:-starting}"
         else
