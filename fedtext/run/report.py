@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedtext.errors import FedtextError
 
-SMOOTH = 25  # rounds in the moving average of the (noisy, 10-client) training curves
+SMOOTH = 25  # rounds in the (centred) moving average of the noisy 10-client training curves
 
 
 @dataclass
@@ -113,13 +113,15 @@ def _series(rows, key):
 
 
 def _smooth(y, k=SMOOTH):
-    out, acc = [], 0.0
-    for i, v in enumerate(y):
-        acc += v
-        if i >= k:
-            acc -= y[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
+    """Centred moving average over k points (fewer at the ends): no lag against the evals."""
+    import numpy as np
+
+    if not y:
+        return []
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(len(y))
+    lo, hi = np.maximum(i - k // 2, 0), np.minimum(i + k // 2 + 1, len(y))
+    return ((c[hi] - c[lo]) / (hi - lo)).tolist()
 
 
 def _figures(runs: list[Run]) -> dict[str, str]:
