@@ -87,6 +87,9 @@ class Task:
     model_defaults: dict  # ModelConfig fields of a model trained from scratch on this task,
     # plus optionally "lstm_kernel_init": "he_normal" (fedtext.model.spec.load_initial_model)
     per_snippet: bool = False
+    # DataConfig fields that fit this task, for commands that batch without a config
+    # (`fedtext evaluate`); a training run takes its [data] table.
+    data_defaults: dict = field(default_factory=lambda: {"batch_size": 8, "seq_len": 100})
 
     def batches(self, store: ClientStore, client_id: str, cfg: DataConfig,
                 shuffle_seed: int | None = None, max_batches: int | None = None,
@@ -134,7 +137,7 @@ TASKS.register("reddi2021", Task(
     # he_normal kernel) -> LSTM(256) -> Dense(90): 820,522 parameters with Keras' one bias.
     {"embed_dim": 8, "hidden_size": 256, "num_layers": 2, "cell": "lstm",
      "lstm_kernel_init": "he_normal"},
-    per_snippet=True))
+    per_snippet=True, data_defaults={"batch_size": 4, "seq_len": 80}))
 
 
 @functools.lru_cache(maxsize=4)

@@ -86,3 +86,16 @@ def test_benchmark_flags_go_on_top_and_names_the_run(tmp_path):
     cfg = merge(reddi2021_config("yogi"), ("x", load_toml(CONFIGS / "yogi.toml")))
     assert cfg == reddi2021_config("yogi")
     assert main(["benchmark", "reddi2021", "--optimizer", "yogi"]) == 2  # --out required
+
+
+def test_evaluate_batches_a_model_as_its_task_did():
+    from fedtext.cli.evaluate import model_task
+    from fedtext.data import vocab as V
+    from fedtext.data.tasks import TASKS
+
+    assert model_task(V.REDDI2021, {"provenance": {"task": "reddi2021"}}) is TASKS["reddi2021"]
+    assert model_task(V.REDDI2021, {}) is TASKS["reddi2021"]  # found by its vocabulary
+    assert model_task(V.TUTORIAL, {"provenance": {"task": "reddi2021"}}) is TASKS["tutorial"]
+    other = model_task(V.KERAS, {})
+    assert other.vocab == V.KERAS and not other.per_snippet
+    assert TASKS["reddi2021"].data_defaults == {"batch_size": 4, "seq_len": 80}
