@@ -126,7 +126,8 @@ def _rounds(algorithm, state, sampler, client_data, rounds, stop, evaluate, eval
         if row.get("eval_accuracy") is not None:
             run_bar.set_postfix(eval_acc=f"{row['eval_accuracy']:.4f}", refresh=False)
         run_bar.update(1)
-        log(format_row(row) + f"  (eta {hms(per_round * (stop - state.round))})")
+        with tqdm.external_write_mode():  # the line above the run's bar, not through it
+            log(format_row(row) + f"  (eta {hms(per_round * (stop - state.round))})")
     return state
 
 
