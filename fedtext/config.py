@@ -10,6 +10,8 @@ consumers, and the command-line flags that fill the same dataclasses.
     [aggregator]  fl.aggregators.AggregatorConfig     mean / norm bound, client weighting
     [faults]      fl.algorithm.FaultConfig            failing clients: fail or drop
     [dp]          fl.privacy.DPConfig                 DP-FedAvg: clipping, noise, accounting
+    [attack]      fl.attacks.AttackConfig             simulated attackers (off by default)
+    [compression] fl.compression.CompressionConfig    what clients upload (float32 default)
     [eval]        run.evaluation.EvalConfig           held-out evaluation
     [backend]     backends.base.BackendConfig         where clients train
 
@@ -44,7 +46,9 @@ from fedtext.data.tasks import DataConfig
 from fedtext.errors import FedtextError
 from fedtext.fl.aggregators import AggregatorConfig
 from fedtext.fl.algorithm import FaultConfig
+from fedtext.fl.attacks import AttackConfig
 from fedtext.fl.client import ClientConfig
+from fedtext.fl.compression import CompressionConfig
 from fedtext.fl.privacy import DPConfig
 from fedtext.fl.sampling import SamplingConfig
 from fedtext.fl.server_optimizers import ServerConfig
@@ -71,8 +75,16 @@ class ExperimentConfig:
     aggregator: AggregatorConfig = AggregatorConfig()
     faults: FaultConfig = FaultConfig()
     dp: DPConfig = DPConfig()
+    attack: AttackConfig = AttackConfig()
+    compression: CompressionConfig = CompressionConfig()
     eval: EvalConfig = EvalConfig()
     backend: BackendConfig = BackendConfig()
+
+    def __post_init__(self):
+        if self.backend.device != "cpu":
+            from fedtext.model.spec import check_device
+
+            check_device(self.backend.device)
 
     def resolved(self) -> ExperimentConfig:
         """Defaults that depend on other settings spelled out (the server optimizer's)."""

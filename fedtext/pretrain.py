@@ -248,7 +248,8 @@ def check_resume(saved: dict, cfg: PretrainConfig, model_config: ModelConfig,
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
              model_config: ModelConfig | None = None, corpus: Corpus | None = None, *,
              resume: bool = False, compute: Compute = Compute(), until_step: int | None = None,
-             command: str | None = None, progress: bool = True, log=print) -> dict:
+             command: str | None = None, progress: bool = True, log=print,
+             device: str = "cpu") -> dict:
     """Train a CharRNN centrally on `corpus`, checkpointing into `out`.
 
     Args:
@@ -258,6 +259,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
       corpus: the text stream (load_corpus()); default the KJV.
       resume: continue from out/train_state.pt; without it, `out` must not hold a run yet.
       compute: the recurrence's implementation and precision (fp32 exact, or bf16).
+      device: where to train ("cpu", "cuda"); checkpoints are written for the CPU.
       until_step: stop (with a checkpoint) after this step, as if interrupted there.
       command: the command line, for the checkpoint's provenance.
       progress: show a tqdm bar (loss, chars/s, ETA).
@@ -267,11 +269,11 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None,
     """
     with open_run(out, resume=resume, state_file=STATE_FILE, what="training run") as out:
         return _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, command,
-                         progress, log)
+                         progress, log, device)
 
 
 def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, command, progress,
-              log) -> dict:
+              log, device) -> dict:
     cfg, model_config = cfg or PretrainConfig(), model_config or ModelConfig()
     corpus = corpus if corpus is not None else load_corpus()
     train, val = split_corpus(corpus.ids, cfg.val_frac, cfg.seq_len)
@@ -281,7 +283,7 @@ def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, comma
     state_path, metrics_path = out / STATE_FILE, out / METRICS_FILE
 
     torch.manual_seed(cfg.seed)
-    model = CharRNN(model_config, compute=compute)
+    model = CharRNN(model_config, compute=compute).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)  # batch positions: its state *is* the data position
     step, wall_s = 0, 0.0
@@ -346,7 +348,8 @@ def _pretrain(out, cfg, model_config, corpus, resume, compute, until_step, comma
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y, mask = sample_batch(train, cfg.batch_size, cfg.seq_len, rng)
+            x, y, mask = (t.to(device) for t in sample_batch(train, cfg.batch_size,
+                                                             cfg.seq_len, rng))
             _, loss = model(x, y, mask)
             if not torch.isfinite(loss):
                 raise FedtextError(f"step {step + 1}: the training loss became "

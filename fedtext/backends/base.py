@@ -119,8 +119,15 @@ def _ray(cfg):
     return RayBackend(cfg.workers, cfg.threads or 1, cfg.ray_address)
 
 
+def _batched(cfg):
+    from fedtext.backends.batched import DEFAULT_GROUP_SIZE, BatchedBackend
+
+    return BatchedBackend(cfg.group_size or DEFAULT_GROUP_SIZE, threads=cfg.threads)
+
+
 BACKENDS.register("processes", _processes)
 BACKENDS.register("ray", _ray)
+BACKENDS.register("batched", _batched)
 
 
 @dataclass(frozen=True)
@@ -130,25 +137,31 @@ class BackendConfig:
     name: str = field(default="sequential", metadata={
         "flag": "backend", "choices": BACKENDS.names,
         "help": "sequential: every client in this process, one after the other; processes: "
-        "a pool of worker processes on this machine; ray: Ray actors, here or on a cluster"})
+        "a pool of worker processes on this machine; ray: Ray actors, here or on a cluster; "
+        "batched: --group-size clients at a time in one grouped model (for GPUs)"})
     workers: int | None = field(default=None, metadata={
         "help": "worker processes / Ray actors (default: 2 processes; Ray: one per CPU of "
         "the cluster, at most the clients of a round)"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads per worker (default: torch's choice in process, 1 in "
         "each worker)"})
+    device: str = field(default="cpu", metadata={
+        "metavar": "cpu|cuda[:N]", "help": "where clients train and the model is evaluated"})
     ray_address: str | None = field(default=None, metadata={
         "help": "join this Ray cluster (e.g. 10.0.0.1:6379, or auto); default: start Ray on "
         "this machine"})
+    group_size: int | None = field(default=None, metadata={
+        "flag": "group-size", "metavar": "G", "help": "backend batched: clients trained together "
+        "(default 32; a round of more trains in groups of G, in client order; other backends "
+        "ignore it)"})
 
     def __post_init__(self):
         BACKENDS.check(self.name, "name")
-        for name in ("workers", "threads"):
+        for name in ("workers", "threads", "group_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise FedtextError(f"{name} must be >= 1, not {v}")
-        if self.ray_address is not None and self.name != "ray":
-            raise FedtextError("ray_address needs backend = 'ray'")
+
 
 
 def build(cfg: BackendConfig) -> Backend:

@@ -57,15 +57,21 @@ def register(sub) -> None:
 
 
 def benchmark_cmd(args) -> int:
-    from fedtext.config import FLAGS, ExperimentConfig, merge, save_toml
+    from fedtext.config import FLAGS, ExperimentConfig, merge
     from fedtext.errors import FedtextError
     from fedtext.run.benchmarks import reddi2021_settings
 
     settings = reddi2021_settings(args.optimizer)
     where = f"{REDDI2021} --optimizer {args.optimizer}"
-    if args.write_config:
-        cfg = merge(ExperimentConfig(), (where, settings))
-        save_toml(cfg, args.write_config, header=toml_header(args.optimizer))
+    if args.write_config:  # the benchmark's settings only: the rest is fedtext's defaults
+        import tomli_w
+
+        from fedtext.paths import atomic_path
+
+        merge(ExperimentConfig(), (where, settings))  # valid
+        lines = "".join(f"# {h}\n" for h in toml_header(args.optimizer).splitlines())
+        with atomic_path(args.write_config) as tmp:
+            tmp.write_text(lines + tomli_w.dumps(settings), encoding="utf-8")
         print(args.write_config)
         return 0
     if not args.out:

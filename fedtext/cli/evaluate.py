@@ -37,14 +37,17 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", help="data cache (default $FEDTEXT_CACHE or ~/.cache/fedtext)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=evaluate_cmd)
 
 
-def load_model(spec: str):
+def load_model(spec: str, device: str = "cpu"):
     """--model -> (CharRNN, Vocab, config.json dict); a run directory stands for its model."""
     from fedtext.model.checkpoint import checkpoint_vocab, load_checkpoint, resolve_model_spec
+    from fedtext.model.spec import check_device
 
-    model, config = load_checkpoint(resolve_model_spec(spec))
+    check_device(device)
+    model, config = load_checkpoint(resolve_model_spec(spec), device=device)
     return model, checkpoint_vocab(config), config
 
 
@@ -75,7 +78,7 @@ def evaluate_cmd(args) -> int:
             raise FedtextError(f"--{flag.replace('_', '-')} must be >= 1, not {v}")
     if args.random and (args.clients is not None or args.data):
         raise FedtextError("--random evaluates on random text: it takes no --clients or --data")
-    model, vocab, config = load_model(args.model)
+    model, vocab, config = load_model(args.model, args.device)
     task = model_task(vocab, config)
     args.batch_size = args.batch_size or task.data_defaults["batch_size"]
     args.seq_len = args.seq_len or task.data_defaults["seq_len"]

@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run); sample i "
                    "uses seed + i")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.set_defaults(func=generate_cmd)
 
 
@@ -38,7 +39,7 @@ def generate_cmd(args) -> int:
         raise FedtextError(f"--num-samples must be >= 1, not {args.num_samples}")
     if args.seed is not None and args.seed < 0:
         raise FedtextError(f"--seed must be >= 0, not {args.seed}")
-    model, vocab, _ = load_model(args.model)
+    model, vocab, _ = load_model(args.model, args.device)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     for i in range(args.num_samples):
         text = stream_text(model, args.prompt, args.length, args.temperature, args.top_k,

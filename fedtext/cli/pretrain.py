@@ -54,6 +54,7 @@ def register(sub) -> None:
                    help="bf16: the GRU's recurrent matmuls in bfloat16 (default fp32, exact)")
     p.add_argument("--gru-impl", choices=IMPLS, default="auto", help="GRU implementation "
                    "(default auto: the fastest exact one here)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=pretrain_cmd)
@@ -90,12 +91,15 @@ def pretrain_cmd(args) -> int:
     except (ValueError, TypeError) as e:
         raise FedtextError(str(e)) from None
     set_threads(args.threads)
+    from fedtext.model.spec import check_device
+
+    check_device(args.device)
 
     corpus = load_corpus(sources or [KJV])
     command = shlex.join(["fedtext", *getattr(args, "argv", sys.argv[1:])])
     row = pretrain(out, cfg, model_cfg, corpus, resume=args.resume,
                    compute=Compute(args.gru_impl, args.precision), command=command,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, device=args.device)
     done = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("train_loss", "val_loss",
                                                                       "val_accuracy"))
     print(f"step {row['step']}{': ' + done if done else ''}; model in {out / MODEL_DIR}")

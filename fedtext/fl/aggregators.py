@@ -131,6 +131,24 @@ AGGREGATORS = Registry("aggregator")
 AGGREGATORS.register("mean", lambda c: mean(c.clip_norm))
 
 
+def _robust(make):
+    def build(c):
+        if c.clip_norm is not None:
+            raise FedtextError(f"clip_norm goes with the mean (norm-bound), not {c.name}")
+        from fedtext.fl import robust  # the robust family, fedtext/fl/robust.py
+
+        return make(robust, c)
+
+    return build
+
+
+AGGREGATORS.register("median", _robust(lambda r, c: r.median()))
+AGGREGATORS.register("trimmed-mean", _robust(lambda r, c: r.trimmed_mean(c.trim_fraction)))
+AGGREGATORS.register("krum", _robust(lambda r, c: r.krum(c.krum_f, 1)))
+AGGREGATORS.register("multi-krum", _robust(lambda r, c: r.krum(c.krum_f, c.krum_m)))
+AGGREGATORS.register("geometric-median", _robust(lambda r, c: r.geometric_median(c.gm_iters)))
+
+
 @AGGREGATORS.register("norm-bound")
 def _norm_bound(c):
     if c.clip_norm is None:
@@ -144,16 +162,35 @@ class AggregatorConfig:
 
     name: str = field(default="mean", metadata={
         "flag": "aggregator", "choices": AGGREGATORS.names,
-        "help": "mean (FedAvg's weighted mean) or norm-bound (clip each delta, then mean)"})
+        "help": "mean (FedAvg's weighted mean), norm-bound (clip each delta, then mean), or "
+        "robust (fedtext/fl/robust.py): median, trimmed-mean, krum, multi-krum, "
+        "geometric-median"})
     weighting: str = field(default="tokens", metadata={
         "choices": WEIGHTINGS.names, "help": "client weight in the average: tokens (counted "
         "chars), examples (TFF's NUM_EXAMPLES) or uniform"})
     clip_norm: float | None = field(default=None, metadata={
         "help": "clip every client delta to this L2 norm first (default: no clipping)"})
+    trim_fraction: float = field(default=0.1, metadata={
+        "help": "trimmed-mean: the fraction of each end trimmed per coordinate"})
+    krum_f: int = field(default=1, metadata={
+        "help": "krum / multi-krum: the Byzantine clients to tolerate (needs > 2f + 2 "
+        "clients a round)"})
+    krum_m: int | None = field(default=None, metadata={
+        "help": "multi-krum: how many best-scoring deltas to average (default: clients - f)"})
+    gm_iters: int = field(default=10, metadata={
+        "flag": "gm-iters", "help": "geometric-median: Weiszfeld iterations at most"})
 
     def __post_init__(self):
         AGGREGATORS.check(self.name, "name")
         WEIGHTINGS.check(self.weighting, "weighting")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise FedtextError(f"trim_fraction must be in [0, 0.5), not {self.trim_fraction}")
+        if self.krum_f < 0:
+            raise FedtextError(f"krum_f must be >= 0, not {self.krum_f}")
+        if self.krum_m is not None and self.krum_m < 1:
+            raise FedtextError(f"krum_m must be >= 1, not {self.krum_m}")
+        if self.gm_iters < 1:
+            raise FedtextError(f"gm_iters must be >= 1, not {self.gm_iters}")
         if self.clip_norm is not None and not (self.clip_norm > 0 and
                                                math.isfinite(self.clip_norm)):
             raise FedtextError(f"clip_norm must be a finite number > 0, not {self.clip_norm}")

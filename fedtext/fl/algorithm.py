@@ -33,7 +33,14 @@ never a mean of client means) plus a per-client list for percentiles.
 Faults ([faults], `FaultConfig`): a client whose work raised, timed out or whose worker died
 for good comes back as a backends.base.ClientFailure; `on_client_error="drop"` leaves it out
 of the round (named, with its reason, in metrics["dropped"]) as long as at least
-`min_clients` clients returned, `"fail"` stops the run naming the client.
+`min_clients` clients returned, `"fail"` stops the run naming the client. `dropout` drops
+sampled clients before they train (seeded). A client whose update holds NaN or inf is always
+left out (and named): a round never averages a NaN into the model.
+
+Between client work and the aggregator, in this order: simulated attacks on the results
+(fedtext.fl.attacks; label-flip acts on the data instead), the non-finite filter, and
+compression (fedtext.fl.compression: what the server decodes is what it aggregates; the
+round's upload bytes and their float32 equivalent go into the metrics).
 """
 
 from __future__ import annotations
@@ -42,12 +49,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+import torch
+
 from fedtext.backends.base import Backend, ClientFailure, SequentialBackend, in_order
 from fedtext.errors import FedtextError
 from fedtext.fl import aggregators as agg_lib
+from fedtext.fl import attacks, server_optimizers
 from fedtext.fl import params as P
-from fedtext.fl import server_optimizers
+from fedtext.fl.attacks import AttackConfig
 from fedtext.fl.client import METRIC_SUMS, ClientConfig, ClientData, client_update, summarize
+from fedtext.fl.compression import CompressionConfig, fp32_bytes
+from fedtext.fl.compression import roundtrip as roundtrip_compression
 from fedtext.fl.params import Params
 from fedtext.fl.sampling import client_seed
 
@@ -64,8 +76,13 @@ class FaultConfig:
     client_timeout: float | None = field(default=None, metadata={
         "help": "drop a client still training after this many seconds (a straggler; which "
         "ones depends on timing, so runs with it are not reproducible)"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "each sampled client drops out before training with this probability "
+        "(seeded: a device that went away)"})
 
     def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise FedtextError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.on_client_error not in ("fail", "drop"):
             raise FedtextError(f"on_client_error must be fail or drop, not "
                                f"{self.on_client_error!r}")
@@ -80,6 +97,7 @@ class ServerState(NamedTuple):
     opt_state: Any  # the server optimizer's state (e.g. AdamState)
     agg_state: Any  # the aggregator's state
     round: int  # rounds completed
+    codec_state: dict | None = None  # client id -> error-feedback residual (top-k only)
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -119,7 +137,10 @@ def fed_avg(client_config: ClientConfig,
             seed: int = 0,
             client_fn: Callable = client_update,
             client_lr: Callable[[int], float] | None = None,
-            faults: FaultConfig = FaultConfig()) -> FederatedAlgorithm:
+            faults: FaultConfig = FaultConfig(),
+            attack: AttackConfig = AttackConfig(),
+            compression: CompressionConfig = CompressionConfig(),
+            char_ids: tuple[int, int] = (0, 86)) -> FederatedAlgorithm:
     """Build FedAvg (and FedAvgM/FedAdam/FedYogi/FedAdagrad/FedProx, by its arguments).
 
     Args:
@@ -131,7 +152,10 @@ def fed_avg(client_config: ClientConfig,
         seed: run seed; client i of round r gets `sampling.client_seed(seed, r, i)`.
         client_fn: the client work, `client_update` unless you bring your own with its signature.
         client_lr: round index -> the clients' learning rate (a schedule); default constant.
-        faults: what to do about clients that fail (module docstring).
+        faults: failing clients, dropouts (module docstring).
+        attack: simulated attackers (fedtext.fl.attacks); off by default.
+        compression: what clients upload (fedtext.fl.compression); float32 by default.
+        char_ids: (first id, count) of the vocabulary's characters, for label-flip.
 
     Returns:
         FederatedAlgorithm(init, apply).
@@ -141,61 +165,96 @@ def fed_avg(client_config: ClientConfig,
     backend = backend or SequentialBackend()
     if isinstance(weighting, str):
         agg_lib.WEIGHTINGS.check(weighting)
+    label_flip = attack.kind == "label-flip"
 
     def init(params: Params) -> ServerState:
         params = P.clone(params)
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params), 0)
+        return ServerState(params, server_optimizer.init(params), aggregator.init(params), 0,
+                           {})
 
     def apply(state: ServerState, clients: Iterable[tuple[Any, ClientData]],
               on_result: Callable[[int, Any], None] | None = None):
         clients = list(clients)
-        if not clients:
+        r = state.round + 1
+        # 1a: who is really there: dropouts leave before training (seeded).
+        gone = set(attacks.dropped_positions(faults.dropout, seed, state.round, len(clients)))
+        dropped = [{"client_id": clients[i][0], "reason": "dropped out (--dropout)"}
+                   for i in sorted(gone)]
+        attackers = set(attacks.attacker_positions(attack, seed, state.round, len(clients)))
+        active = [i for i in range(len(clients)) if i not in gone]
+        config = client_config
+        if client_lr is not None:
+            config = replace(config, lr=client_lr(state.round))
+        if not active:
             if aggregator.aggregate_empty is None:
+                if clients:
+                    raise FedtextError(f"round {r}: every client dropped out")
                 raise FedtextError("a round needs at least one client")
             # Poisson sampling drew nobody: DP still releases (noise) and charges the round.
             delta, agg_state = aggregator.aggregate_empty(state.params, state.agg_state)
             params, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
             metrics = round_metrics([], [], [])
             metrics.update(round=state.round, delta_norm=P.global_norm(delta),
-                           client_lr=getattr(client_config, "lr", None), dropped=[])
-            return ServerState(params, opt_state, agg_state, state.round + 1), metrics
-        config = client_config
-        if client_lr is not None:
-            config = replace(config, lr=client_lr(state.round))
-        # 1 + 2: broadcast and client work (the backend decides where; results come back in
+                           client_lr=getattr(config, "lr", None), dropped=dropped,
+                           attackers=[], upload_bytes=0, upload_bytes_fp32=0)
+            return state._replace(params=params, opt_state=opt_state, agg_state=agg_state,
+                                  round=r), metrics
+        # 1b + 2: broadcast and client work (the backend decides where; results come back in
         # any order and are put back in client order, so the round never depends on timing).
-        jobs = [{"client_data": data, "seed": client_seed(seed, state.round, i)}
-                for i, (_, data) in enumerate(clients)]
+        # A client's seed comes from its position in the sampled list, dropouts or not.
+        def job(i):
+            data = clients[i][1]
+            if label_flip and i in attackers:  # data poisoning: honest training, bad labels
+                data = attacks.FlippedLabels(data, *char_ids)
+            return {"client_data": data, "seed": client_seed(seed, state.round, i)}
+
+        jobs = [job(i) for i in active]
 
         def arrivals():
-            for i, result in backend.map(client_fn, jobs,
+            for j, result in backend.map(client_fn, jobs,
                                          shared={"global_params": state.params,
                                                  "config": config},
                                          timeout=faults.client_timeout):
                 if on_result is not None and not isinstance(result, ClientFailure):
-                    on_result(i, result)
-                yield i, result
+                    on_result(active[j], result)
+                yield j, result
 
-        seen, dropped = [], []  # (client id, metrics, weight) per client, in client order
-        r = state.round + 1
+        seen = []  # (client id, metrics, weight) per aggregated client, in client order
+        upload = {"bytes": 0, "fp32": 0}
+        residuals = dict(state.codec_state or {})  # error feedback's per-client memory
 
         def weighted_deltas():
-            for (cid, _), result in zip(clients, in_order(arrivals(), len(jobs))):
+            for i, result in zip(active, in_order(arrivals(), len(jobs))):
+                cid = clients[i][0]
                 if isinstance(result, ClientFailure):
                     if faults.on_client_error == "fail":
                         raise FedtextError(f"round {r}: client {cid} failed: {result.reason} "
                                            "(--on-client-error drop would leave it out)")
                     dropped.append({"client_id": cid, "reason": result.reason})
                     continue
+                delta = result.delta
+                if i in attackers and not label_flip:  # what the attacker sends instead
+                    delta = attacks.attack_delta(attack.kind, delta, seed, state.round, i)
+                if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+                    # Under every aggregator: a NaN or inf update never reaches the model.
+                    dropped.append({"client_id": cid, "reason": "non-finite update (NaN or "
+                                    "inf)"})
+                    continue
+                delta, nbytes, residual = roundtrip_compression(
+                    compression, delta, seed, state.round, i, residuals.get(cid))
+                if residual is not None and compression.error_feedback:
+                    residuals[cid] = residual
+                upload["bytes"] += nbytes
+                upload["fp32"] += fp32_bytes(delta)
                 w = agg_lib.client_weight(result.metrics, weighting)
                 seen.append((cid, result.metrics, w))
-                yield result.delta, w  # the aggregator streams: one delta held at a time
+                yield delta, w  # the aggregator streams: one delta held at a time
 
         def too_few():
             reasons = "; ".join(f"{d['client_id']}: {d['reason']}" for d in dropped[:3])
             return FedtextError(f"round {r}: {len(seen)} of {len(clients)} clients returned "
-                                f"a result, fewer than min_clients={faults.min_clients} "
-                                f"(dropped: {reasons})")
+                                f"a usable result, fewer than min_clients="
+                                f"{faults.min_clients} (dropped: {reasons})")
 
         # 3: aggregate the deltas.
         try:
@@ -212,8 +271,10 @@ def fed_avg(client_config: ClientConfig,
         metrics = round_metrics([m for _, m, _ in seen], [c for c, _, _ in seen],
                                 [w for _, _, w in seen])
         metrics.update(round=state.round, delta_norm=P.global_norm(delta),
-                       client_lr=getattr(config, "lr", None), dropped=dropped)
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+                       client_lr=getattr(config, "lr", None), dropped=dropped,
+                       attackers=[clients[i][0] for i in sorted(attackers)],
+                       upload_bytes=upload["bytes"], upload_bytes_fp32=upload["fp32"])
+        return ServerState(params, opt_state, agg_state, r, residuals), metrics
 
     return FederatedAlgorithm(init, apply)
 

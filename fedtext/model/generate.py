@@ -72,12 +72,13 @@ def stream_text(model: CharRNN, prompt: str, length: int = 200, temperature: flo
     if vocab.size != model.config.vocab_size:
         raise FedtextError(f"the vocabulary has {vocab.size} ids, the model "
                            f"{model.config.vocab_size}")
-    idx = prompt_ids(prompt, vocab)
+    dev = next(model.parameters()).device
+    idx = prompt_ids(prompt, vocab).to(dev)
     itos = vocab.itos
     if vocab.eos_id is not None:
         itos[vocab.eos_id] = "\n"
     banned = tuple(i for i in (vocab.pad_id, vocab.bos_id) if i is not None)
-    gen = torch.Generator()
+    gen = torch.Generator(device=dev)  # the same seed gives the same text per device type
     if seed is None:
         gen.seed()
     else:

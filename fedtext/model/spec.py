@@ -85,6 +85,25 @@ class ModelSpec:
         return replace(self, **{f: getattr(model_config, f) for f in ARCH_FIELDS})
 
 
+def check_device(device: str) -> str:
+    """`device` if torch can use it here, else a FedtextError saying why (a typo, or no GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FedtextError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") \
+            from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU found"
+            raise FedtextError(f"--device {device}: {why} (torch {torch.__version__}); use "
+                               "--device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FedtextError(f"--device {device}: only {torch.cuda.device_count()} GPUs")
+    elif dev.type != "cpu":
+        raise FedtextError(f"--device {device}: fedtext runs on cpu or cuda")
+    return device
+
+
 def he_normal_lstm_kernels_(model: CharRNN) -> None:
     """Re-draw every LSTM input kernel as Keras' `he_normal` (TFF's Shakespeare model:
     `tf.keras.layers.LSTM(256, kernel_initializer='he_normal')`): a normal of stddev

@@ -116,6 +116,11 @@ def _rounds(algorithm, state, sampler, client_data, rounds, stop, evaluate, eval
                "chars_per_s": m["chars"] / (t1 - t0)}
         if m.get("dropped"):  # clients left out of the round: who, and why
             row["dropped"] = m["dropped"]
+        if m.get("attackers"):  # simulated attackers of this round
+            row["attackers"] = m["attackers"]
+        for k in ("upload_bytes", "upload_bytes_fp32"):  # what the clients sent up
+            if k in m:
+                row[k] = m[k]
         if evaluate is not None and eval_due(state.round, rounds):
             row.update(evaluate(state.params))
             row["eval_seconds"] = time.perf_counter() - t1

@@ -157,10 +157,20 @@ def restore(template, saved, where: str = "state", file: str = "state file"):
             raise bad()
         return type(template)(**{f: restore(getattr(template, f), saved[f], f"{where}.{f}", file)
                                  for f in template._fields})
+    if isinstance(template, dict) and not template:  # keyed by what happened (client ids)
+        if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in saved.values()):
+            raise bad()
+        return dict(saved)
     if isinstance(template, dict):
         if not isinstance(saved, dict) or set(saved) != set(template):
             raise bad()
         return {k: restore(v, saved[k], f"{where}.{k}", file) for k, v in template.items()}
+    if isinstance(template, list | tuple) and not template:  # a variable-length record
+        if not isinstance(saved, list | tuple) or not all(isinstance(v, int | float)
+                                                          for v in saved):
+            raise bad()
+        return type(template)(saved)
     if isinstance(template, list | tuple):
         if not isinstance(saved, list | tuple) or len(saved) != len(template):
             raise bad()

@@ -278,7 +278,8 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
 
     cfg = replace(cfg, model=cfg.model.resolved(model_config))
     compute = cfg.model.compute()
-    client = replace(cfg.client, model=model_config, compute=compute)
+    device = cfg.backend.device
+    client = replace(cfg.client, model=model_config, compute=compute, device=device)
     client_lr = None
     if cfg.client.schedule != ScheduleConfig():
         client_lr = schedule(cfg.client.schedule, cfg.client.lr, cfg.run.rounds)
@@ -290,22 +291,28 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
         algorithm = fed_avg(client, server_optimizers.build(cfg.server, cfg.run.rounds),
                             aggregator, cfg.aggregator.weighting,
                             backend, seed=cfg.run.seed, client_lr=client_lr,
-                            faults=cfg.faults)
+                            faults=cfg.faults, attack=cfg.attack,
+                            compression=cfg.compression,
+                            char_ids=(task.vocab.first_id, len(task.vocab.chars)))
         if saved is not None:
             # A fresh init state is the template of types (NamedTuples) the saved values fill.
             template = algorithm.init(saved["server_state"]["params"])
+            saved["server_state"].setdefault("codec_state", {})  # fedtext 0.1 had none
             state = restore(template, saved["server_state"], "server_state", str(out / STATE_FILE))
             restore_rngs(saved)
             log(f"resuming {out} after round {state.round} of {cfg.run.rounds}")
         else:
             state = algorithm.init({k: v.detach() for k, v in model.state_dict().items()})
 
-        eval_model = cached_model(model_config, compute)
+        eval_model = cached_model(model_config, compute, device=device)
 
         def run_eval(params):
             return evaluator.evaluate(eval_model, params, progress)
 
-        compute_info = recurrences.describe_compute(model_config, compute)  # or a clear error
+        compute_info = recurrences.describe_compute(model_config, compute, device)  # or an error
+        if cfg.backend.name == "batched":  # the clients train on the grouped model instead
+            compute_info = {**compute_info, "impl": "grouped", "kernel": None,
+                            "clients": "batched"}
         log("compute: " + ", ".join(f"{k} {v}" for k, v in compute_info.items()))
         C.save_toml(cfg, out / CONFIG_FILE, header="fedtext train: the effective configuration "
                     "of this run (flags > --config TOML > defaults).\n`fedtext train --config "
@@ -341,7 +348,7 @@ def _train(cfg, out, resume, sources, model, cache_dir, until_round, progress, t
             recorder.close()
 
     # A copy of the built model, not CharRNN(...): a GRU 1024's orthogonal init takes seconds.
-    final = copy.deepcopy(eval_model)
+    final = copy.deepcopy(eval_model).cpu()
     load_params(final, state.params)
     rows = recorder.rows()
     if state.round >= cfg.run.rounds:

@@ -161,8 +161,8 @@ def test_a_failing_client_is_dropped_and_named_or_fails_the_round(data, make_bac
             alone.apply(alone.init(params), clients)
         strict = fed_avg(ClientConfig(model=MC), backend=backend,
                          faults=FaultConfig(on_client_error="drop", min_clients=3))
-        with pytest.raises(FedtextError, match="2 of 3 clients returned a result, fewer than "
-                                               "min_clients=3 .dropped: GHOST"):
+        with pytest.raises(FedtextError, match="2 of 3 clients returned a usable result, "
+                                               "fewer than min_clients=3 .dropped: GHOST"):
             strict.apply(strict.init(params), clients)
     finally:
         backend.close()

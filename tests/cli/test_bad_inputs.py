@@ -168,3 +168,20 @@ def test_resume_beyond_or_at_the_end(data, tmp_path, capsys):
     assert fedtext("train", "--out", run, "--data", data, *TINY, "--resume",
                    "--rounds", "3") == 2
     one_line(capsys, "already finished its 3 rounds")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", "OUT", "--device", "{dev}"],
+    ["pretrain", "--out", "OUT", "--steps", "1", "--device", "{dev}"],
+    ["evaluate", "--model", "pretrained", "--device", "{dev}"],
+    ["generate", "--model", "pretrained", "--prompt", "a", "--device", "{dev}"],
+])
+def test_devices_that_are_not_here(argv, tmp_path, capsys):
+    import torch
+
+    for dev, msg in (("tpu", "is not a device"), ("cuda:x", "is not a device")) + (
+            (("cuda", "no CUDA"),) if not torch.cuda.is_available() else ()):
+        assert fedtext(*[a.replace("OUT", str(tmp_path / "r")).replace("{dev}", dev)
+                         for a in argv]) == 2
+        one_line(capsys, msg)
+    assert not (tmp_path / "r").exists()
