@@ -45,6 +45,8 @@ def register(sub) -> None:
                    "benchmark's 1200 (a short check; a later --resume --rounds 1200 extends it)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
                    "1 to run two methods side by side on two cores)")
+    p.add_argument("--device", help="where clients train and the model is evaluated: cpu "
+                   "(default) or cuda")
     p.add_argument("--write-config", metavar="FILE.toml", help="write the method's config as "
                    "TOML (what `fedtext train --config` reads) and exit")
     p.add_argument("--cache-dir", help="data cache (default $FEDTEXT_CACHE or ~/.cache/fedtext)")
@@ -86,6 +88,8 @@ def benchmark_cmd(args) -> int:
 
         torch.set_num_threads(args.threads)  # also the evaluations (the backend sets its own)
         flags["threads"] = str(args.threads)
+    if args.device is not None:
+        flags["device"] = args.device
     sources = [(where, settings), (FLAGS, flags)]
     cfg = merge(ExperimentConfig(), *sources)
     return run_benchmark(args, cfg, sources)
