@@ -48,6 +48,7 @@ class Run:
     samples: list = field(default_factory=list)
     provenance: list = field(default_factory=list)
     checkpoint: dict | None = None
+    label: str = ""  # how plots and headings name it (render: the method, else the directory)
 
 
 def _json(path: Path):
