@@ -26,9 +26,11 @@ def register(sub) -> None:
     p.add_argument("--clients", help="comma-separated client ids (default: all clients)")
     p.add_argument("--random", action="store_true", help="uniformly random text over the 86 "
                    "characters instead: accuracy should come out near 1/86")
-    p.add_argument("--batch-size", type=int, default=8, help="the tutorial's batch size "
-                   "(default 8; decides only --max-batches' reach)")
-    p.add_argument("--seq-len", type=int, default=100, help="characters per row (default 100)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: the model's "
+                   "task's: 8 for the tutorial, 4 for reddi2021; decides only --max-batches' "
+                   "reach)")
+    p.add_argument("--seq-len", type=int, help="characters per row (default: the model's "
+                   "task's: 100 for the tutorial, 80 for reddi2021)")
     p.add_argument("--max-batches", type=int, help="at most N batches per client (with "
                    "--random: in all; default 100 there)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --random text (default 0)")
@@ -49,10 +51,25 @@ def load_model(spec: str, device: str = "cpu"):
     return model, checkpoint_vocab(config), config
 
 
+def model_task(vocab, config: dict):
+    """The task whose preprocessing the model was trained with: the one its checkpoint names
+    (a `fedtext train` run records it), else the first with its vocabulary, else the stream
+    preprocessing of the tutorial over the model's vocabulary."""
+    from fedtext.data.tasks import TASKS, Task
+
+    named = (config.get("provenance") or {}).get("task")
+    candidates = [named] if named in TASKS.names else []
+    candidates += [n for n in TASKS.names if n != named]
+    for name in candidates:
+        if TASKS[name].vocab == vocab:
+            return TASKS[name]
+    return Task("evaluate", vocab, "", {}, data_defaults=TASKS["tutorial"].data_defaults)
+
+
 def evaluate_cmd(args) -> int:
     from fedtext.data.batching import random_text_batches
     from fedtext.data.store import load_dataset
-    from fedtext.data.tasks import DataConfig, Task
+    from fedtext.data.tasks import DataConfig
     from fedtext.run.evaluation import EvalResult, build_eval_set, evaluate, evaluate_batches
 
     for flag in ("batch_size", "seq_len", "max_batches"):
@@ -61,7 +78,10 @@ def evaluate_cmd(args) -> int:
             raise FedtextError(f"--{flag.replace('_', '-')} must be >= 1, not {v}")
     if args.random and (args.clients is not None or args.data):
         raise FedtextError("--random evaluates on random text: it takes no --clients or --data")
-    model, vocab, _ = load_model(args.model, args.device)
+    model, vocab, config = load_model(args.model, args.device)
+    task = model_task(vocab, config)
+    args.batch_size = args.batch_size or task.data_defaults["batch_size"]
+    args.seq_len = args.seq_len or task.data_defaults["seq_len"]
     extra = {}
     if args.random:
         batches = random_text_batches(args.max_batches or 100, args.batch_size, args.seq_len,
@@ -75,7 +95,6 @@ def evaluate_cmd(args) -> int:
             ids = [c.strip() for c in args.clients.split(",") if c.strip()]
             if not ids:
                 raise FedtextError("--clients is empty")
-        task = Task("evaluate", vocab, "", {})
         cfg = DataConfig(batch_size=args.batch_size, seq_len=args.seq_len)
         if args.max_batches is None:
             es = build_eval_set(store, ids, task, cfg)

@@ -14,8 +14,19 @@ and `mask` is False wherever the target is padding, so loss and accuracy count r
 only. The ids are whatever the caller's vocabulary uses (fedtext.data.tasks maps the store's
 ids to a task's vocabulary before batching).
 
+The Reddi et al. 2021 task (TFF's `tff.simulation.baselines.shakespeare`, its
+`char_prediction_preprocessing.create_preprocess_fn`) works per snippet instead::
+
+    snippets -> .shuffle(50) -> [BOS] + char ids + [EOS], padded with PAD to a multiple of
+             SEQ + 1 -> .unbatch().batch(SEQ + 1) -> .batch(4)  (the last batch kept short)
+             -> (x = seq[:-1], y = seq[1:])
+
+which is `snippet_batches`: the shuffle is over snippets (a snippet's sequences stay together
+and in order), every sequence belongs to one snippet, PAD only ever follows EOS, and the mask is
+`y != PAD` (TFF's MaskedCategoricalAccuracy(masked_tokens=[pad])): EOS and OOV targets count.
+
 Everything is vectorised numpy; the only Python loop is the shuffle buffer, one step per
-sequence (not per character).
+sequence (or snippet), not per character.
 """
 
 from __future__ import annotations
@@ -127,6 +138,75 @@ def client_batches(
     seqs = torch.from_numpy(seqs[:rows].astype(np.int64)).view(n_batches, batch_size, -1)
     mask = torch.from_numpy(valid[:rows, 1:].copy()).view(n_batches, batch_size, -1)
     x, y = seqs[..., :-1], seqs[..., 1:]  # (NB, B, T) each
+    return [Batch(x[i], y[i], mask[i]) for i in range(n_batches)]
+
+
+def snippet_batches(
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 4,
+    seq_len: int = 80,
+    shuffle_seed: int | None = None,
+    buffer_size: int = 50,
+    max_batches: int | None = None,
+    drop_remainder: bool = False,
+) -> list[Batch]:
+    """One client's snippets -> TFF's per-snippet batches (Reddi et al. 2021; module docstring).
+
+    Args:
+      ids: (N,) char ids of the client's snippets concatenated, in the task's vocabulary
+        (never pad_id, bos_id or eos_id).
+      lengths: (S,) characters per snippet (ClientStore.snippet_lengths); ids is their concat.
+      bos_id, eos_id, pad_id: the vocabulary's special ids.
+      shuffle_seed: seed of the buffered shuffle of *snippets*; None keeps their order (TFF's
+        evaluation: shuffle_buffer_size=1).
+      buffer_size: the shuffle buffer, in snippets (TFF's DEFAULT_SHUFFLE_BUFFER_SIZE = 50).
+      max_batches: keep only the first this many batches (after shuffling).
+      drop_remainder: drop a last batch of fewer than batch_size rows (TFF keeps it).
+
+    Returns:
+      Batches of (batch_size, seq_len). The last one, if short, is filled with all-PAD rows
+      whose mask is False everywhere, so it counts exactly what TFF's short batch counts.
+
+    >>> b, = snippet_batches(np.array([5, 6, 7], np.uint8), np.array([3]), bos_id=88,
+    ...                      eos_id=89, pad_id=0, batch_size=1, seq_len=5)
+    >>> b.x.tolist(), b.y.tolist(), b.mask.tolist()
+    ([[88, 5, 6, 7, 89]], [[5, 6, 7, 89, 0]], [[True, True, True, True, False]])
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise FedtextError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    ids, lengths = np.asarray(ids), np.asarray(lengths, dtype=np.int64)
+    if int(lengths.sum()) != len(ids):
+        raise FedtextError(f"snippet lengths sum to {int(lengths.sum())}, not the {len(ids)} ids")
+    L = seq_len + 1
+    order = shuffle_order(len(lengths), buffer_size, shuffle_seed)
+    lens = lengths[order]  # (S,) in emitted order
+    src = np.concatenate([[0], np.cumsum(lengths)])[order]  # where each snippet's chars start
+    width = -(-(lens + 2) // L) * L  # [BOS] + chars + [EOS], rounded up to a multiple of L
+    start = np.concatenate([[0], np.cumsum(width)[:-1]])  # (S,) where each snippet goes
+    tokens = np.full(int(width.sum()), pad_id, dtype=np.int64)
+    tokens[start] = bos_id
+    tokens[start + 1 + lens] = eos_id
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    tokens[np.repeat(start + 1, lens) + within] = ids[np.repeat(src, lens) + within]
+    seqs = tokens.reshape(-1, L)  # (R, L): every row is one snippet's chunk
+    n_rows = len(seqs) - (len(seqs) % batch_size if drop_remainder else 0)
+    n_batches = -(-n_rows // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    if n_batches == 0:
+        return []
+    rows = n_batches * batch_size
+    seqs = seqs[:rows]
+    if rows > len(seqs):  # the short last batch: all-PAD rows, masked everywhere
+        seqs = np.concatenate([seqs, np.full((rows - len(seqs), L), pad_id, np.int64)])
+    seqs = torch.from_numpy(seqs).view(n_batches, batch_size, L)
+    x, y = seqs[..., :-1], seqs[..., 1:]  # (NB, B, T) each
+    mask = y != pad_id  # only PAD is masked: EOS and OOV targets count
     return [Batch(x[i], y[i], mask[i]) for i in range(n_batches)]
 
 

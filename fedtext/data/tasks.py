@@ -3,6 +3,8 @@ picklable description of one client's data that every backend ships instead of b
 
     task = TASKS["tutorial"]            # TFF's text-generation tutorial: 88 ids, 8 x 100
     batches = task.batches(store, "KING_LEAR_KENT", DataConfig(), shuffle_seed=0)
+    TASKS["reddi2021"]                  # Reddi et al. 2021 / TFF baselines: 90 ids, per-snippet
+                                        # [BOS] + chars + [EOS], 4 x 80 (configs/reddi2021/)
 
     data = ClientData("shakespeare", "KING_LEAR_KENT", config=DataConfig())
     data(epoch, seed)                   # the client's batches for one local epoch
@@ -18,7 +20,7 @@ import functools
 from dataclasses import dataclass, field
 
 from fedtext.data import vocab as V
-from fedtext.data.batching import Batch, client_batches
+from fedtext.data.batching import Batch, client_batches, snippet_batches
 from fedtext.data.store import ClientStore, FederatedDataset, load_dataset
 from fedtext.errors import FedtextError
 from fedtext.registry import Registry
@@ -35,7 +37,8 @@ class DataConfig:
         "Shakespeare), or your own data: a directory of <client>.txt files or a .jsonl file"})
     task: str = field(default="tutorial", metadata={
         "help": "vocabulary + preprocessing (fedtext.data.tasks.TASKS): tutorial (TFF's "
-        "text generation tutorial)"})
+        "text generation tutorial), reddi2021 (Reddi et al. 2021's Shakespeare: per-snippet "
+        "BOS/EOS, use with batch 4, seq 80, buffer 50)"})
     batch_size: int = field(default=8, metadata={
         "help": "sequences per batch (the tutorial's BATCH_SIZE)"})
     seq_len: int = field(default=100, metadata={
@@ -47,7 +50,8 @@ class DataConfig:
     shuffle: bool = field(default=True, metadata={
         "help": "shuffle a client's sequences each epoch (the tutorial's .shuffle)"})
     shuffle_buffer: int = field(default=100, metadata={
-        "help": "shuffle buffer, in sequences (the tutorial's BUFFER_SIZE)"})
+        "help": "shuffle buffer, in sequences (the tutorial's BUFFER_SIZE); in snippets for "
+        "task reddi2021 (TFF's 50)"})
 
     def __post_init__(self):
         if not self.source.strip():
@@ -68,12 +72,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Task:
-    """A vocabulary and the preprocessing of one client's text into batches."""
+    """A vocabulary and the preprocessing of one client's text into batches.
+
+    per_snippet False: the client's snippets are one stream cut into (seq_len + 1)-char
+    sequences (the tutorial; batching.client_batches). True: each snippet becomes
+    [BOS] + chars + [EOS] padded to a multiple of seq_len + 1, and the shuffle is over
+    snippets (TFF's baselines task; batching.snippet_batches); the vocabulary must have
+    PAD, BOS and EOS.
+    """
 
     name: str
     vocab: V.Vocab
     description: str
-    model_defaults: dict  # ModelConfig fields of a model trained from scratch on this task
+    model_defaults: dict  # ModelConfig fields of a model trained from scratch on this task,
+    # plus optionally "lstm_kernel_init": "he_normal" (fedtext.model.spec.load_initial_model)
+    per_snippet: bool = False
+    # DataConfig fields that fit this task, for commands that batch without a config
+    # (`fedtext evaluate`); a training run takes its [data] table.
+    data_defaults: dict = field(default_factory=lambda: {"batch_size": 8, "seq_len": 100})
 
     def batches(self, store: ClientStore, client_id: str, cfg: DataConfig,
                 shuffle_seed: int | None = None, max_batches: int | None = None,
@@ -92,6 +108,14 @@ class Task:
         ids = store.chars(client_id)
         if self.vocab != V.TUTORIAL:  # the store holds TUTORIAL ids
             ids = self.vocab.from_store_table()[ids]
+        if self.per_snippet:
+            v = self.vocab
+            return snippet_batches(ids, store.snippet_lengths(client_id), bos_id=v.bos_id,
+                                   eos_id=v.eos_id, pad_id=v.pad_id,
+                                   batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                   shuffle_seed=shuffle_seed, buffer_size=cfg.shuffle_buffer,
+                                   max_batches=max_batches,
+                                   drop_remainder=mode == "drop_remainder")
         return client_batches(ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, mode=mode,
                               shuffle_seed=shuffle_seed, buffer_size=cfg.shuffle_buffer,
                               max_batches=max_batches, pad_id=self.vocab.fill_id)
@@ -103,6 +127,17 @@ TASKS.register("tutorial", Task(
     "TFF 'Federated Learning for Text Generation': the 86 tutorial characters + PAD + OOV, "
     "one stream per client cut into (seq_len + 1)-char sequences",
     {"embed_dim": 256, "hidden_size": 1024, "num_layers": 1, "cell": "gru"}))
+TASKS.register("reddi2021", Task(
+    "reddi2021", V.REDDI2021,
+    "Reddi et al. 2021 'Adaptive Federated Optimization' Shakespeare (TFF's "
+    "tff.simulation.baselines.shakespeare): PAD 0, the 86 characters 1..86, OOV 87, BOS 88, "
+    "EOS 89; per snippet [BOS] + chars + [EOS] padded to a multiple of seq_len + 1; the "
+    "shuffle buffer over snippets; only PAD is masked",
+    # TFF char_prediction_models.create_recurrent_model: Embedding(90, 8) -> LSTM(256,
+    # he_normal kernel) -> LSTM(256) -> Dense(90): 820,522 parameters with Keras' one bias.
+    {"embed_dim": 8, "hidden_size": 256, "num_layers": 2, "cell": "lstm",
+     "lstm_kernel_init": "he_normal"},
+    per_snippet=True, data_defaults={"batch_size": 4, "seq_len": 80}))
 
 
 @functools.lru_cache(maxsize=4)

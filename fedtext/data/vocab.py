@@ -7,6 +7,10 @@ carry theirs, and code asks the value (`vocab.pad_id`, `vocab.size`) instead of 
                then PAD = 86 (padding, never a counted target) and OOV = 87 (any character
                outside the 86; the tutorial silently maps those to id 0, 'd'). Size 88.
     KERAS      the tutorial's Keras model: the same 86 characters and nothing else (size 86).
+    REDDI2021  TFF's `tff.simulation.baselines.shakespeare` task (Reddi et al. 2021): PAD = 0,
+               the same 86 characters as ids 1..86, OOV = 87, BOS = 88, EOS = 89. Size 90.
+               (char_prediction_preprocessing.get_special_tokens: pad 0, oov len+1, bos
+               len+2, eos len+3; `lookup(chars) + 1  # Reserve 0 for pad`.)
 
 The packed client store (fedtext.data.store) always holds TUTORIAL ids (uint8); a task whose
 vocabulary differs maps them with `Vocab.from_store_table` (one 256-entry lookup).
@@ -166,6 +170,7 @@ def _show(counts: dict[str, int]) -> str:
 
 TUTORIAL = Vocab(TUTORIAL_CHARS, pad_id=86, oov_id=87)
 KERAS = Vocab(TUTORIAL_CHARS)
+REDDI2021 = Vocab(TUTORIAL_CHARS, first_id=1, pad_id=0, oov_id=87, bos_id=88, eos_id=89)
 
 # The store's encoding (fedtext.data.store): TUTORIAL ids, one byte per character.
 PAD_ID, OOV_ID = TUTORIAL.pad_id, TUTORIAL.oov_id

@@ -21,6 +21,16 @@ this one (0 on the first round).
 
 The [server] table (`ServerConfig`) names one of SERVER_OPTIMIZERS and its settings; what a
 setting left out means is the optimizer's own default (TFF's), spelled out in `resolved()`.
+
+Reddi et al.'s released code (google-research/federated `optimization/`, whose shared
+`optimizer_utils.py` builds the server optimizer from Keras classes) differs from TFF's
+`tff.learning.optimizers` in two settings, both exposed here: the initial accumulator
+(`initial_accumulator`: their README and docs/hyperparameters.md set
+`--server_{adagrad,yogi}_initial_accumulator_value=0.0`; TFF's defaults are 0.1 and 1e-6) and,
+for Adagrad, where eps sits (`eps_placement`: Keras' Adagrad divides by sqrt(v) + eps, TFF's
+build_adagrad by sqrt(v + eps)). Adam (Keras and TFF alike) and their Yogi
+(`utils/optimizers/yogi.py`) are bias-corrected with eps outside the root, as here.
+configs/reddi2021/*.toml spell these out.
 """
 
 from __future__ import annotations
@@ -167,12 +177,15 @@ def yogi(lr: Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3,
     (TFF's docstring writes sign(g - s); its code, and Zaheer et al. 2018, use g**2 - s.)
     Reddi et al. 2021: lr = eta, b1 = beta_1, b2 = beta_2, eps = tau; their v_{-1} >= tau**2 is
     `initial_preconditioner_value`; their Algorithm 2 has no bias correction
-    (`bias_correction=False`).
+    (`bias_correction=False`). Their released code (google-research/federated
+    utils/optimizers/yogi.py, the Keras `Yogi`) is this rule, bias-corrected, run with
+    `initial_accumulator_value=0.0` (v starts at 0; where delta is 0, v stays 0 and so does
+    the step).
     """
     _check_beta("b1", b1)
     _check_beta("b2", b2)
-    if initial_preconditioner_value <= 0:
-        raise FedtextError("initial_preconditioner_value must be > 0")
+    if initial_preconditioner_value < 0:  # 0: Reddi et al.'s released runs
+        raise FedtextError("initial_preconditioner_value must be >= 0")
 
     def init(params):
         return YogiState(0, P.zeros_like(params),
@@ -200,18 +213,24 @@ class AdagradState(NamedTuple):
 
 
 def adagrad(lr: Schedule, initial_preconditioner_value: float = 0.1,
-            eps: float = 1e-7) -> ServerOptimizer:
+            eps: float = 1e-7, eps_inside: bool = True) -> ServerOptimizer:
     """FedAdagrad. TFF `build_adagrad(learning_rate, initial_preconditioner_value=0.1,
     epsilon=1e-7)`:
 
         v = v + delta**2                                  # v starts at the initial value
-        w = w - lr * delta / sqrt(v + eps)
+        w = w - lr * delta / sqrt(v + eps)                # eps_inside=False: sqrt(v) + eps
 
-    Reddi et al. 2021: lr = eta. Their FedAdagrad also keeps a beta_1 momentum m and divides by
-    sqrt(v) + tau (tau outside the root); TFF's, and ours, use no momentum and eps inside.
+    Reddi et al. 2021: lr = eta. Their Algorithm 2's FedAdagrad also keeps a beta_1 momentum m
+    and divides by sqrt(v) + tau (tau outside the root). Their released code runs Keras'
+    `Adagrad` (no momentum; `ResourceApplyAdagradV2`: w -= lr * delta / (sqrt(v) + eps)) with
+    `initial_accumulator_value=0.0`: `adagrad(lr, 0.0, eps, eps_inside=False)`. With v_0 = 0
+    and eps outside, a coordinate whose delta is still 0 takes no step (0 / eps).
     """
     if initial_preconditioner_value < 0 or eps < 0:
         raise FedtextError("initial_preconditioner_value and eps must be >= 0")
+    if eps_inside and initial_preconditioner_value == 0 and eps == 0:
+        raise FedtextError("adagrad with eps inside the root needs eps > 0 or an initial "
+                           "preconditioner value > 0 (else 0 / 0)")
 
     def init(params):
         return AdagradState(0, P.full_like(params, initial_preconditioner_value))
@@ -219,7 +238,10 @@ def adagrad(lr: Schedule, initial_preconditioner_value: float = 0.1,
     def update(delta, state, params):
         nu = {k: state.nu[k] + delta[k] * delta[k] for k in params}
         step_lr = _lr_at(lr, state.count)
-        new = {k: params[k] - step_lr * delta[k] / (nu[k] + eps).sqrt() for k in params}
+        if eps_inside:
+            new = {k: params[k] - step_lr * delta[k] / (nu[k] + eps).sqrt() for k in params}
+        else:
+            new = {k: params[k] - step_lr * delta[k] / (nu[k].sqrt() + eps) for k in params}
         return new, AdagradState(state.count + 1, nu)
 
     return ServerOptimizer(init, update)
@@ -238,10 +260,12 @@ SERVER_OPTIMIZERS.register("sgd", Entry(lambda c, lr: sgd(lr, c.momentum), {"mom
 SERVER_OPTIMIZERS.register("sgdm", Entry(lambda c, lr: sgd(lr, c.momentum), {"momentum": 0.9}))
 SERVER_OPTIMIZERS.register("adam", Entry(lambda c, lr: adam(lr, c.b1, c.b2, c.eps),
                                          {"eps": 1e-7}))
-SERVER_OPTIMIZERS.register("yogi", Entry(lambda c, lr: yogi(lr, c.b1, c.b2, c.eps),
-                                         {"eps": 1e-3}))
-SERVER_OPTIMIZERS.register("adagrad", Entry(lambda c, lr: adagrad(lr, eps=c.eps),
-                                            {"eps": 1e-7}))
+SERVER_OPTIMIZERS.register("yogi", Entry(
+    lambda c, lr: yogi(lr, c.b1, c.b2, c.eps, c.initial_accumulator),
+    {"eps": 1e-3, "initial_accumulator": 1e-6}))
+SERVER_OPTIMIZERS.register("adagrad", Entry(
+    lambda c, lr: adagrad(lr, c.initial_accumulator, c.eps, c.eps_placement == "inside"),
+    {"eps": 1e-7, "initial_accumulator": 0.1, "eps_placement": "inside"}))
 
 
 @dataclass(frozen=True)
@@ -263,6 +287,14 @@ class ServerConfig:
     eps: float | None = field(default=None, metadata={
         "flag": "server-eps", "help": "adam/yogi/adagrad epsilon (tau) (default: TFF's per "
         "optimizer: adam 1e-7, yogi 1e-3, adagrad 1e-7)"})
+    initial_accumulator: float | None = field(default=None, metadata={
+        "flag": "server-initial-accumulator", "help": "yogi/adagrad: the second moment's "
+        "start value v_0 (default: TFF's, yogi 1e-6, adagrad 0.1; Reddi et al.'s released "
+        "runs: 0)"})
+    eps_placement: str | None = field(default=None, metadata={
+        "flag": "server-eps-placement", "choices": ("inside", "outside"),
+        "help": "adagrad: divide by sqrt(v + eps) (inside: TFF's build_adagrad, the default) "
+        "or sqrt(v) + eps (outside: Keras' Adagrad, Reddi et al.'s released code)"})
     schedule: ScheduleConfig = field(default=ScheduleConfig(), metadata={
         "flag_prefix": "server-lr"})
 
@@ -285,6 +317,20 @@ class ServerConfig:
                                    f"{self.optimizer!r}")
             if not self.eps >= 0:
                 raise FedtextError(f"eps must be >= 0, not {self.eps}")
+        if self.initial_accumulator is not None:
+            if "initial_accumulator" not in entry.defaults:
+                raise FedtextError(f"initial_accumulator needs optimizer yogi or adagrad, not "
+                                   f"{self.optimizer!r}")
+            if not (self.initial_accumulator >= 0 and math.isfinite(self.initial_accumulator)):
+                raise FedtextError(f"initial_accumulator must be a finite number >= 0, not "
+                                   f"{self.initial_accumulator}")
+        if self.eps_placement is not None:
+            if "eps_placement" not in entry.defaults:
+                raise FedtextError(f"eps_placement needs optimizer adagrad (adam and yogi "
+                                   f"always add eps outside the root), not {self.optimizer!r}")
+            if self.eps_placement not in ("inside", "outside"):
+                raise FedtextError(f"eps_placement must be inside or outside, not "
+                                   f"{self.eps_placement!r}")
 
     def resolved(self) -> ServerConfig:
         """The same settings with the optimizer's defaults filled in."""

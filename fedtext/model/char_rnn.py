@@ -27,6 +27,8 @@ from fedtext.data.vocab import TUTORIAL
 from fedtext.model import recurrences
 from fedtext.model.kernel import VARIANTS
 
+NN_INFERENCE_ROWS = 64  # "auto" LSTMs run torch's own LSTM under no_grad from this batch size
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -204,6 +206,11 @@ class LSTM(nn.Module):
         c = self.compute
         path = recurrences.resolve(h0.device, "lstm", True, c.precision, c.impl,
                                    self.weight_hh_l0.dtype, c.kernel)
+        if path.impl == "kernel" and c.impl == "auto" and B >= NN_INFERENCE_ROWS and \
+                not torch.is_grad_enabled():
+            # Evaluation's big batches: torch's LSTM (oneDNN) forward beats the kernel there
+            # (256 x 80 rows, 2 x LSTM 256: ~1.7x, BENCHMARKS.md); training's 4 rows do not.
+            path = recurrences.Path("nn")
         if path.impl == "nn":
             # torch's own LSTM (cuDNN on a GPU) with b_hh = 0: the same function, exactly.
             if table_idx is not None:

@@ -104,6 +104,19 @@ def check_device(device: str) -> str:
     return device
 
 
+def he_normal_lstm_kernels_(model: CharRNN) -> None:
+    """Re-draw every LSTM input kernel as Keras' `he_normal` (TFF's Shakespeare model:
+    `tf.keras.layers.LSTM(256, kernel_initializer='he_normal')`): a normal of stddev
+    sqrt(2 / fan_in) / 0.8796 truncated at two stddevs (Keras' VarianceScaling(2.0, "fan_in",
+    "truncated_normal")), fan_in = the layer's input size. Recurrent kernels stay orthogonal."""
+    rnn = model.rnn
+    with torch.no_grad():
+        for k in range(rnn.num_layers):
+            w_ih = rnn.layer_weights(k)[0]  # (4H, In): Keras' (In, 4H) kernel, transposed
+            std = (2.0 / w_ih.shape[1]) ** 0.5 / 0.87962566103423978
+            torch.nn.init.trunc_normal_(w_ih, 0.0, std, -2 * std, 2 * std)
+
+
 def load_initial_model(spec: ModelSpec, vocab: Vocab, defaults: dict, seed: int = 0
                        ) -> CharRNN:
     """The model a run starts from.
@@ -122,7 +135,10 @@ def load_initial_model(spec: ModelSpec, vocab: Vocab, defaults: dict, seed: int 
     if spec.init == "scratch":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return CharRNN(spec.architecture(vocab, defaults), compute=spec.compute())
+            model = CharRNN(spec.architecture(vocab, defaults), compute=spec.compute())
+            if defaults.get("lstm_kernel_init") == "he_normal" and model.config.cell == "lstm":
+                he_normal_lstm_kernels_(model)
+            return model
     try:
         model, config = load_checkpoint(resolve_model_spec(spec.init), compute=spec.compute())
     except FedtextError as e:

@@ -56,10 +56,21 @@ class EvalConfig:
     client_ids: tuple[str, ...] = field(default=(), metadata={
         "flag": "eval-client-ids", "metavar": "ID,...", "help": "comma-separated test client "
         "ids to evaluate on instead"})
+    final_rounds: int = field(default=0, metadata={
+        "flag": "eval-final-rounds", "metavar": "N", "help": "also evaluate every "
+        "--eval-final-every rounds within the run's last N rounds (Reddi et al. report the "
+        "mean over the last 100); 0 = off"})
+    final_every: int = field(default=1, metadata={
+        "flag": "eval-final-every", "metavar": "K", "help": "within the last --eval-final-rounds"
+        " rounds, evaluate after every K-th round, counted back from the last"})
 
     def __post_init__(self):
         if self.every < 0:
             raise FedtextError(f"every must be >= 0 (0 = off), not {self.every}")
+        if self.final_rounds < 0:
+            raise FedtextError(f"final_rounds must be >= 0 (0 = off), not {self.final_rounds}")
+        if self.final_every < 1:
+            raise FedtextError(f"final_every must be >= 1, not {self.final_every}")
         if self.clients is not None and self.clients < 1:
             raise FedtextError(f"clients must be >= 1 (or all), not {self.clients}")
         if self.clients and self.client_ids:
@@ -68,8 +79,17 @@ class EvalConfig:
             raise FedtextError("client_ids lists a client twice")
 
     def due(self, round: int, last: int) -> bool:
-        """Whether to evaluate after `round` (0 = before training) of a run ending at `last`."""
-        return self.every > 0 and (round % self.every == 0 or round == last)
+        """Whether to evaluate after `round` (0 = before training) of a run ending at `last`.
+
+        >>> cfg = EvalConfig(every=100, final_rounds=100, final_every=10)
+        >>> [r for r in range(1201) if cfg.due(r, 1200)][-12:]
+        [1000, 1100, 1110, 1120, 1130, 1140, 1150, 1160, 1170, 1180, 1190, 1200]
+        """
+        if self.every <= 0:
+            return False
+        final = last - self.final_rounds < round <= last and \
+            (last - round) % self.final_every == 0
+        return round % self.every == 0 or round == last or final
 
 
 @dataclass(frozen=True)

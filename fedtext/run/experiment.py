@@ -63,20 +63,33 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
         evaluate: params -> dict of eval metrics, run after round r when eval_due(r, rounds).
         eval_due: when to evaluate (EvalConfig.due).
         on_round: called with (state, row) after every round: log and checkpoint there.
-        progress: show a tqdm bar per round (clients done, loss, chars/s).
+        progress: show a bar for the whole run (rounds done, ETA, last eval accuracy) and
+            one per round below it (clients done, loss, chars/s).
         log: one-line messages (default: tqdm.write).
         until: stop after this round instead, as if interrupted there.
     """
     log = log or tqdm.write
     t_start, done_start = time.perf_counter(), state.round
     stop = rounds if until is None else min(until, rounds)
+    # The whole run: tqdm's rate (and so its ETA) counts only the rounds done in this process.
+    run_bar = tqdm(total=rounds, initial=state.round, desc="run", unit="round", position=0,
+                   disable=not progress or state.round >= stop, dynamic_ncols=True)
+    try:
+        return _rounds(algorithm, state, sampler, client_data, rounds, stop, evaluate, eval_due,
+                       on_round, progress, log, run_bar, t_start, done_start)
+    finally:
+        run_bar.close()
+
+
+def _rounds(algorithm, state, sampler, client_data, rounds, stop, evaluate, eval_due, on_round,
+            progress, log, run_bar, t_start, done_start) -> ServerState:
     while state.round < stop:
         r = state.round  # rounds done so far; this is round r + 1
         t0 = time.perf_counter()
         ids = sampler.sample(r)
         clients = [(cid, client_data(cid)) for cid in ids]
         bar = tqdm(total=len(clients), desc=f"round {r + 1}/{rounds}", unit="client",
-                   leave=False, disable=not progress, dynamic_ncols=True)
+                   leave=False, disable=not progress, dynamic_ncols=True, position=1)
         run = {"loss": 0.0, "count": 0}
 
         def on_result(i, res, bar=bar, run=run, t0=t0):  # a client finished
@@ -115,7 +128,11 @@ def run_rounds(algorithm: FederatedAlgorithm, state: ServerState, sampler,
         if on_round is not None:
             on_round(state, row)
         per_round = (time.perf_counter() - t_start) / (state.round - done_start)
-        log(format_row(row) + f"  (eta {hms(per_round * (stop - state.round))})")
+        if row.get("eval_accuracy") is not None:
+            run_bar.set_postfix(eval_acc=f"{row['eval_accuracy']:.4f}", refresh=False)
+        run_bar.update(1)
+        with tqdm.external_write_mode():  # the line above the run's bar, not through it
+            log(format_row(row) + f"  (eta {hms(per_round * (stop - state.round))})")
     return state
 
 

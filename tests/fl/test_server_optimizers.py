@@ -122,6 +122,10 @@ OPTIMIZERS = {
     "adam_reddi": lambda: so.adam(lr=0.01, eps=1e-3, bias_correction=False),
     "yogi": lambda: so.yogi(lr=0.01),
     "adagrad": lambda: so.adagrad(lr=0.01),
+    # Reddi et al.'s released settings (configs/reddi2021/): v_0 = 0, Keras' eps placement.
+    "yogi_reddi": lambda: so.yogi(lr=0.01, eps=1e-3, initial_preconditioner_value=0.0),
+    "adagrad_reddi": lambda: so.adagrad(lr=0.3, initial_preconditioner_value=0.0, eps=0.1,
+                                        eps_inside=False),
 }
 
 
@@ -151,7 +155,8 @@ def test_registry_and_validation():
     assert set(so.SERVER_OPTIMIZERS) == {"sgd", "sgdm", "adam", "yogi", "adagrad"}
     for bad in (lambda: so.adam(lr=0.1, b1=1.0), lambda: so.yogi(lr=0.1, b2=-0.1),
                 lambda: so.sgd(momentum=1.5), lambda: so.sgd(nesterov=True),
-                lambda: so.yogi(lr=0.1, initial_preconditioner_value=0.0)):
+                lambda: so.yogi(lr=0.1, initial_preconditioner_value=-1.0),
+                lambda: so.adagrad(lr=0.1, initial_preconditioner_value=0.0, eps=0.0)):
         with pytest.raises(FedtextError):
             bad()
 
@@ -186,3 +191,83 @@ def test_built_optimizers_follow_their_config():
         steps.append(round((p["w"] - q["w"]).item() / 0.5, 6))
         p = q
     assert steps == [1.0, 0.5, 0.0]
+
+
+# ---- Reddi et al.'s released code: Keras optimizers (google-research/federated optimization/)
+
+
+def test_keras_adagrad_is_torch_adagrad():
+    # Keras' Adagrad (ResourceApplyAdagradV2: w -= lr * g / (sqrt(v) + eps)) is also exactly
+    # torch.optim.Adagrad's rule; Reddi et al. ran it with initial_accumulator_value = 0.
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, dtype=torch.float64, generator=g)
+    deltas = [torch.randn(5, dtype=torch.float64, generator=g) for _ in range(4)]
+    deltas[1][2] = 0.0  # a zero delta on a fresh coordinate: no step, no 0/0
+    opt = so.adagrad(lr=10 ** -0.5, initial_preconditioner_value=0.0, eps=0.1, eps_inside=False)
+    params, state = {"w": w0}, None
+    state = opt.init(params)
+    ref = torch.nn.Parameter(w0.clone())
+    torch_opt = torch.optim.Adagrad([ref], lr=10 ** -0.5, initial_accumulator_value=0.0,
+                                    eps=0.1)
+    for d in deltas:
+        params, state = opt.update({"w": d}, state, params)
+        ref.grad = d.clone()
+        torch_opt.step()
+        assert torch.allclose(params["w"], ref.detach(), rtol=0, atol=1e-15)
+    # By hand, first step: v = g^2, w = w0 - lr * g / (|g| + 0.1).
+    w1, _ = _step(so.adagrad(lr=0.5, initial_preconditioner_value=0.0, eps=0.1,
+                             eps_inside=False), 1.0, [0.3])
+    assert w1 == pytest.approx(1.0 - 0.5 * 0.3 / (0.3 + 0.1), abs=1e-15)
+
+
+def test_keras_yogi_from_zero():
+    # google-research/federated utils/optimizers/yogi.py with initial_accumulator_value = 0:
+    # v1 = 0 + (1 - b2) * sign(g^2 - 0) * g^2, bias-corrected lr, eps outside the root.
+    g1, g2 = 0.5, -0.1
+    v1 = 0.001 * g1**2
+    m1 = 0.1 * g1
+    w1 = 1.0 - 0.01 * math.sqrt(0.001) / 0.1 * m1 / (math.sqrt(v1) + 1e-3)
+    v2 = v1 + 0.001 * math.copysign(1.0, g2**2 - v1) * g2**2
+    m2 = 0.9 * m1 + 0.1 * g2
+    lr2 = 0.01 * math.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    w2 = w1 - lr2 * m2 / (math.sqrt(v2) + 1e-3)
+    w, state = _step(so.yogi(lr=0.01, eps=1e-3, initial_preconditioner_value=0.0), 1.0,
+                     [g1, g2])
+    assert state.nu["w"].item() == pytest.approx(v2, abs=1e-16)
+    assert w == pytest.approx(w2, abs=1e-14)
+    w0, state = _step(so.yogi(lr=0.01, initial_preconditioner_value=0.0), 1.0, [0.0])
+    assert w0 == 1.0 and state.nu["w"].item() == 0.0  # a zero delta: v stays 0, no step
+
+
+def test_keras_sgd_momentum_is_fedavgm():
+    # Keras SGD(momentum): v = 0.9 v - lr g; w += v, i.e. torch.optim.SGD(momentum=0.9).
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(4, dtype=torch.float64, generator=g)
+    opt = so.sgd(lr=10 ** -0.5, momentum=0.9)
+    params = {"w": w0}
+    state = opt.init(params)
+    ref = torch.nn.Parameter(w0.clone())
+    torch_opt = torch.optim.SGD([ref], lr=10 ** -0.5, momentum=0.9)
+    for _ in range(5):
+        d = torch.randn(4, dtype=torch.float64, generator=g)
+        params, state = opt.update({"w": d}, state, params)
+        ref.grad = d.clone()
+        torch_opt.step()
+        assert torch.allclose(params["w"], ref.detach(), rtol=0, atol=1e-14)
+
+
+def test_server_config_reddi_settings():
+    c = so.ServerConfig(optimizer="adagrad", lr=10 ** -0.5, eps=0.1, initial_accumulator=0.0,
+                        eps_placement="outside")
+    w, _ = _step(so.build(c, rounds=10), 1.0, [0.3])
+    assert w == pytest.approx(1.0 - 10 ** -0.5 * 0.3 / 0.4, abs=1e-15)
+    r = so.ServerConfig(optimizer="adagrad").resolved()  # TFF's defaults when left out
+    assert (r.initial_accumulator, r.eps_placement, r.eps) == (0.1, "inside", 1e-7)
+    assert so.ServerConfig(optimizer="yogi").resolved().initial_accumulator == 1e-6
+    assert so.ServerConfig(optimizer="adam").resolved().initial_accumulator is None
+    for bad in (dict(optimizer="adam", initial_accumulator=0.0),
+                dict(optimizer="yogi", eps_placement="outside"),
+                dict(optimizer="adagrad", eps_placement="middle"),
+                dict(optimizer="adagrad", initial_accumulator=-1.0)):
+        with pytest.raises(FedtextError):
+            so.ServerConfig(**bad)

@@ -391,3 +391,21 @@ def test_neon_build_under_qemu(tmp_path):
                1, qemu)
     err = np.abs(bf16 - scalar).max() / np.abs(scalar).max()
     assert 1e-5 < err < 2e-2
+
+
+def test_auto_lstm_inference_on_big_batches_equals_the_kernel():
+    """Under no_grad an "auto" LSTM hands batches of NN_INFERENCE_ROWS+ rows to torch's own
+    LSTM (faster there than the kernel, BENCHMARKS.md): the same logits within 1e-5."""
+    from fedtext.model.char_rnn import NN_INFERENCE_ROWS
+
+    cfg = ModelConfig(vocab_size=90, embed_dim=8, hidden_size=48, num_layers=2, cell="lstm")
+    torch.manual_seed(7)
+    auto = CharRNN(cfg, compute=Compute("auto"))
+    ref = CharRNN(cfg, compute=Compute("torch"))
+    ref.load_state_dict(auto.state_dict())
+    for rows in (NN_INFERENCE_ROWS - 1, NN_INFERENCE_ROWS):
+        idx = torch.randint(0, 90, (rows, 15))
+        with torch.no_grad():
+            a, _ = auto.run(idx)
+            b, _ = ref.run(idx)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
