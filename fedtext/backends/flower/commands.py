@@ -2,7 +2,8 @@
 
     superlink_command(...)   flower-superlink: Fleet, Control and Runtime APIs on one port
     supernode_command(...)   flower-supernode with this node's data in its node config
-    run_files(...)           the flwr CLI's connection file and a run config for `flwr run`
+    connection_file(...)     the flwr CLI's SuperLink connection (FLWR_HOME/config.toml)
+    run_config_file(...)     the run config of `flwr run` (what server_app.py reads)
     make_certs(dir, hosts)   a CA and a server certificate for the SuperLink (TLS)
     make_keys(dir, n)        SuperNode key pairs for --enable-supernode-auth
 
@@ -90,12 +91,14 @@ def superlink_command(host: str = "127.0.0.1", port: int = 8000, certs: str | No
 
 
 def _toml_value(v) -> str:
-    """One --node-config value (Flower parses `k=v` pairs as TOML; no quotes inside)."""
-    if isinstance(v, str):
-        if "'" in v and '"' in v:
-            raise FedtextError(f"{v!r}: a node config value cannot hold both ' and \"")
-        return f"'{v}'" if "'" not in v else f'"{v}"'
-    return json.dumps(v)
+    """One --node-config value: Flower reads `k=v` pairs as TOML, with no quote inside."""
+    if not isinstance(v, str):
+        return json.dumps(v)
+    if '"' not in v and "\\" not in v:
+        return json.dumps(v)  # a TOML basic string
+    if "'" in v:
+        raise FedtextError(f"{v!r}: a node config value cannot hold ' together with \" or \\")
+    return f"'{v}'"  # a TOML literal string
 
 
 def supernode_command(data: str, superlink: str = "127.0.0.1:8000", client_id: str | None = None,
@@ -117,32 +120,47 @@ def supernode_command(data: str, superlink: str = "127.0.0.1:8000", client_id: s
     return cmd
 
 
-def run_files(home: Path, superlink: str, ca: str | None, insecure: bool, sources: list,
-              out: str, resume: bool, min_nodes: int = 0, wait_nodes: float = 120.0,
-              command: str = "") -> Path:
-    """Write the flwr CLI's connection file (home/config.toml) and a run config; returns the
-    run config's path (for `flwr run ... --run-config PATH`)."""
+def connection_file(home: Path, superlink: str, ca: str | None, insecure: bool) -> Path:
+    """The flwr CLI's connection file, home/config.toml: the SuperLink as connection
+    "fedtext" (use it with FLWR_HOME=home: `flwr ls fedtext`, `flwr log RUN_ID fedtext`)."""
     conn = {"address": superlink}
     if insecure:
         conn["insecure"] = True
     else:
-        _tls(insecure, ca, "`flwr run`")
+        _tls(insecure, ca, "the flwr CLI")
         conn["root-certificates"] = _existing(ca)
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        "# Written by `fedtext flower run`: the SuperLink connection of the flwr CLI.\n"
-        + tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
-    rc = home / "run-config.toml"
-    rc.write_text(tomli_w.dumps({
+    path = home / "config.toml"
+    path.write_text("# Written by `fedtext flower`: the SuperLink connection of the flwr CLI.\n"
+                    + tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+    return path
+
+
+def run_config_file(path: Path, sources: list, out: str, resume: bool, min_nodes: int = 0,
+                    wait_nodes: float = 120.0, command: str = "") -> Path:
+    """The run config of `flwr run --run-config PATH` (server_app.py reads it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps({
         "sources": json.dumps(sources), "out": str(Path(out).expanduser().resolve()),
         "resume": resume, "min-nodes": min_nodes, "wait-nodes": float(wait_nodes),
         "command": command}))
-    return rc
+    return path
 
 
 def run_command(run_config: Path, stream: bool = True) -> list[str]:
+    """`flwr run` of the fedtext app (with --stream: the ServerApp's log, until it ends)."""
     cmd = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config)]
     return cmd + (["--stream"] if stream else [])
+
+
+def status_command(run_id: str) -> list[str]:
+    return [executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+
+
+def register_command(public_key: str, name: str | None = None) -> list[str]:
+    """`flwr supernode register`: let the SuperNode with this key join (--supernode-auth)."""
+    cmd = [executable("flwr"), "supernode", "register", _existing(public_key), CONNECTION]
+    return cmd + (["--name", name] if name else [])
 
 
 # ----------------------------------------------------------------------------- key material
