@@ -200,6 +200,43 @@ def register_cmd(args) -> int:
     return subprocess.run(cmd, env=K.environment(home)).returncode
 
 
+def _run_status(run_id: str, env) -> dict:
+    from fedtext.backends.flower import commands as K
+
+    out = subprocess.run(K.status_command(run_id), env=env, capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        raise FedtextError(f"run {run_id}: cannot read its status ({out.stdout[-300:]} "
+                           f"{out.stderr[-300:]})") from None
+
+
+def _stop_dead_run(out: Path, env) -> None:
+    """Before --resume, where the run directory is on this machine: if the last ServerApp of
+    `out` is gone (nothing holds out/.lock) but Flower still counts its run as running (it
+    notices a dead ServerApp after about a minute, and the SuperNodes wait for it meanwhile),
+    stop that run, so the nodes take the new one's messages at once."""
+    import re
+
+    from fedtext.backends.flower import commands as K
+    from fedtext.run.state import RunLock
+
+    log = out / K.LOG_FILE
+    ids = re.findall(r"fedtext ServerApp: run (\d+)", log.read_text(errors="replace")) \
+        if log.is_file() else []
+    if not ids:
+        return
+    try:
+        with RunLock(out):  # taken and given back at once: its ServerApp is not running
+            pass
+    except FedtextError:
+        return  # alive: train() refuses a second ServerApp with a clear message
+    if _run_status(ids[-1], env)["status"] in ("pending", "starting", "running"):
+        print(f"fedtext: the ServerApp of run {ids[-1]} is gone (nothing holds {out}/.lock); "
+              "stopping that run so the SuperNodes drop its last messages", flush=True)
+        subprocess.run(K.stop_command(ids[-1]), env=env, capture_output=True)
+
+
 def run_cmd(args) -> int:
     from fedtext.backends.flower import commands as K
 
@@ -211,11 +248,13 @@ def run_cmd(args) -> int:
     rc = K.run_config_file(home / "run-config.toml", [list(s) for s in sources], args.out,
                            args.resume, args.min_nodes, args.wait_nodes, command)
     cmd = K.run_command(rc, stream=not args.detach)
+    env = K.environment(home)
+    if args.resume and not args.dry_run:
+        _stop_dead_run(Path(args.out).expanduser(), env)
     _show(cmd, home)
     if args.dry_run:
         print(rc.read_text(), end="")
         return 0
-    env = K.environment(home)
     run_id = None
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as p:
@@ -228,12 +267,7 @@ def run_cmd(args) -> int:
     if args.detach:
         print(f"log: FLWR_HOME={shlex.quote(str(home))} flwr log {run_id} {K.CONNECTION}")
         return 0
-    out = subprocess.run(K.status_command(run_id), env=env, capture_output=True, text=True)
-    try:
-        run = json.loads(out.stdout)["runs"][0]
-    except (ValueError, KeyError, IndexError):
-        raise FedtextError(f"run {run_id}: cannot read its status ({out.stdout[-300:]} "
-                           f"{out.stderr[-300:]})") from None
+    run = _run_status(run_id, env)
     traffic = run.get("network-traffic", {})
     print(f"run {run_id}: {run['status']} in {run.get('elapsed', 0):.0f} s, "
           f"{traffic.get('total-bytes', 0):,} bytes through the SuperLink")

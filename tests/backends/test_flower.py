@@ -266,3 +266,235 @@ def test_certificates_verify_and_name_the_hosts(tmp_path):
     assert (tmp_path / "server.key").stat().st_mode & 0o077 == 0
     pub = commands.make_keys(tmp_path / "keys", ["alice"])[1]
     assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+# ----------------------------------------------------------------------------- deployment
+# Real Flower processes on loopback, TLS on: `fedtext flower superlink` and `supernode` (each
+# execs flower-superlink / flower-supernode), `fedtext flower run` (flwr run). Each test has
+# its own SuperLink on a free port and its own FLWR_HOMEs.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """pid's process tree (SuperLinks start their SuperExec in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+class Federation:
+    """A SuperLink and SuperNodes started with the fedtext CLI, each in a session of its own
+    (so one node's whole process group can be killed), logs under root/logs."""
+
+    def __init__(self, root: Path, certs: Path, auth: bool = False):
+        self.root, self.certs, self.port = root, certs, free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        self.start("superlink", ["superlink", "--certs", str(certs), "--port", str(self.port)]
+                   + (["--supernode-auth"] if auth else []))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # its HTTPS port is up
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            assert self.procs["superlink"].poll() is None, self.log("superlink")
+            time.sleep(0.2)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / "logs" / f"{name}.log", "w")
+        p = subprocess.Popen([str(BIN / "fedtext"), "flower", *argv, "--flwr-home",
+                              str(self.root / "home" / name)], stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def node(self, name: str, data: Path, *extra: str) -> subprocess.Popen:
+        return self.start(name, ["supernode", "--data", str(data), "--superlink",
+                                 self.superlink, "--ca", str(self.certs / "ca.crt"),
+                                 "--port", str(free_port()), "--threads", "1", *extra])
+
+    def cli_async(self, *argv: str, home: str = "cli") -> subprocess.Popen:
+        """A `fedtext flower` command that talks to the SuperLink (run, register)."""
+        return subprocess.Popen([str(BIN / "fedtext"), "flower", *argv, "--superlink",
+                                 self.superlink, "--ca", str(self.certs / "ca.crt"),
+                                 "--flwr-home", str(self.root / "home" / home)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def cli(self, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        p = self.cli_async(*argv)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        return subprocess.CompletedProcess(p.args, p.returncode, out, "")
+
+    def train(self, out: Path, *flags: str, timeout: float = 400):
+        given = [x for k, v in TINY.items() for x in (f"--{k}", v)]
+        return self.cli("run", "--out", str(out), *given, *flags, timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self) -> None:
+        tree = [q for p in self.procs.values() for q in descendants(p.pid)]
+        for p in self.procs.values():  # SIGTERM: SuperNodes and the SuperLink stop cleanly
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        for q in tree:  # whatever is left (a SuperExec in its own session, a zombie's peer)
+            try:
+                os.kill(q, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    commands.make_certs(d)
+    return d
+
+
+@pytest.fixture
+def federation(tmp_path, certs):
+    started = []
+
+    def make(**kw):
+        started.append(Federation(tmp_path, certs, **kw))
+        return started[-1]
+
+    yield make
+    for f in started:
+        f.stop()
+
+
+def wait_for_row(out: Path, round: int, proc: subprocess.Popen | None = None,
+                 seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(r.get("round") == round and "train_loss" in r
+               for r in (run_rows(out) if (out / "metrics.jsonl").exists() else [])):
+            return
+        assert proc is None or proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no round {round} row in {out} after {seconds} s")
+
+
+@pytest.mark.slow
+def test_three_supernodes_over_tls_train_what_the_simulator_trains(data, tmp_path,
+                                                                  federation):
+    """SuperLink + 3 SuperNodes (each with one client's directory) + one whose data is not
+    UTF-8: 2 rounds over TLS give the in-process simulation's weights bit for bit, and the
+    ServerApp logs the bad node's error and trains without it."""
+    fed = federation()
+    for i, d in enumerate(data.nodes):
+        fed.node(f"node{i}", d)
+    fed.node("bad", data.bad)
+    t0 = time.monotonic()
+    r = fed.train(tmp_path / "fl", "--eval-every", "2")  # evaluated before and at the end
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "finished:completed" in r.stdout
+    sim = simulate(data, tmp_path / "sim", **{"eval-every": "2"})
+    from fedtext.model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "fl" / "final")
+    same_weights(model.state_dict(), sim.state.params)
+    rows = run_rows(tmp_path / "fl")
+    assert [r["round"] for r in rows] == [0, 1, 2] and "eval_loss" not in rows[1]
+    for a, b in zip(rows, sim.rows):
+        assert a.get("client_ids") == b.get("client_ids")
+        assert a.get("train_loss") == b.get("train_loss")
+        assert ("eval_loss" in a) == ("eval_loss" in b)
+        assert a.get("eval_loss", 0) == pytest.approx(b.get("eval_loss", 0), rel=1e-6)
+    log = (tmp_path / "fl" / server_app.LOG_FILE).read_text()
+    assert "left out" in log and "CLIENT_X.txt:3: not valid UTF-8" in log
+    assert "not valid UTF-8" in r.stdout  # the ServerApp's log, streamed by flwr run
+    print(f"2 rounds + 2 evaluations over Flower: {took:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_in_round_2_is_dropped_and_named(data, tmp_path, federation):
+    fed = federation()
+    for i, d in enumerate(data.nodes):
+        fed.node(f"node{i}", d)
+    out = tmp_path / "fl"
+    given = [x for k, v in TINY.items() for x in (f"--{k}", v)]
+    proc = fed.cli_async("run", "--out", str(out), *given, "--on-client-error", "drop",
+                         "--min-clients", "2", "--client-timeout", "40", "--eval-every", "0")
+    try:
+        wait_for_row(out, 1, proc)
+        fed.kill("node1")  # the SuperNode, its SuperExec and any ClientApp: a dead machine
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-3000:]
+    rows = run_rows(out)
+    assert rows[-1]["round"] == 2 and rows[-1]["clients"] == 2
+    (lost,) = rows[-1]["dropped"]
+    assert lost["client_id"] == "CLIENT_1"
+    assert "(client CLIENT_1): no reply within 40 s" in lost["reason"]
+    node_id = lost["reason"].split()[1]
+    assert f"node {node_id} (client CLIENT_1) failed" in stdout
+    assert (out / "final").is_dir()
+
+
+@pytest.mark.slow
+def test_with_supernode_auth_a_killed_server_app_resumes_exactly(data, tmp_path, federation):
+    """SuperNodes authenticated by registered keys (an unregistered one is refused); the
+    ServerApp killed after round 1; `fedtext flower run --resume` finishes round 2 with the
+    weights of an uninterrupted simulation."""
+    fed = federation(auth=True)
+    keys = tmp_path / "keys"
+    commands.make_keys(keys, ["n0", "n1", "n2", "stranger"])
+    registering = [fed.cli_async("register", str(keys / f"n{i}.pub"), home=f"cli{i}")
+                   for i in range(3)]
+    for p in registering:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    for i, d in enumerate(data.nodes):
+        fed.node(f"node{i}", d, "--auth-key", str(keys / f"n{i}"))
+    stranger = fed.node("stranger", data.nodes[0], "--auth-key", str(keys / "stranger"))
+    out, flags = tmp_path / "fl", ["--eval-every", "0"]
+    r = fed.train(out, *flags, "--detach", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for_row(out, 1)
+    server_pid = int((out / ".lock").read_text())  # the ServerApp holds the run's lock
+    os.kill(server_pid, signal.SIGKILL)
+    r = fed.train(out, *flags, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "is gone" in r.stdout and "resuming" in r.stdout  # the dead run stopped first
+    sim = simulate(data, tmp_path / "sim", **{"eval-every": "0"})
+    from fedtext.model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(out / "final")
+    same_weights(model.state_dict(), sim.state.params)
+    assert [r["train_loss"] for r in run_rows(out)] == [r["train_loss"] for r in sim.rows]
+    assert stranger.wait(30) != 0  # never let in
+    assert "Failed to activate SuperNode" in fed.log("stranger")

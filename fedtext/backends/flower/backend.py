@@ -59,6 +59,7 @@ class FlowerBackend:
         self.nodes: dict[str, int] = {}  # client id -> node id
         self.info: dict[int, dict] = {}  # node id -> its query reply, or {"error": reason}
         self.round = 0  # map calls, for the messages' group ids
+        self.clients: set[str] | None = None  # the run's population, once node_population ran
 
     # ---- nodes
 
@@ -104,8 +105,10 @@ class FlowerBackend:
 
             other = "" if info.get("fedtext") == __version__ else \
                 f" (fedtext {info.get('fedtext')} there, {__version__} here)"
+            late = "" if self.clients is None or cid in self.clients else \
+                " (it joined after the run started: it takes part in the next run)"
             self.log(f"flower: node {node} is client {cid}: {info['train-chars']:,} train "
-                     f"chars, {info['test-chars']:,} test chars{other}")
+                     f"chars, {info['test-chars']:,} test chars{other}{late}")
 
     # ---- the Backend contract
 
@@ -195,6 +198,7 @@ def node_population(backend: FlowerBackend, cfg) -> Population:
                            "above)")
     info = [backend.info[backend.nodes[cid]] for cid in ids]
     backend.log(f"flower: {len(ids)} clients: {', '.join(ids)}")
+    backend.clients = set(ids)
 
     def client_data(cid):  # the node supplies the source: its own data
         return ClientData(M.NODE_SOURCE, cid, cfg.data, cfg.client.max_batches, "train")

@@ -29,6 +29,7 @@ APP_DIR = Path(__file__).resolve().parent / "fedtext-app"  # what `flwr run` bun
 CONNECTION = "fedtext"  # the flwr CLI's name for the SuperLink connection we write
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # no phoning home
 CA, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
+LOG_FILE = "flower.log"  # the ServerApp's log in the run directory
 
 
 def executable(name: str) -> str:
@@ -157,6 +158,10 @@ def status_command(run_id: str) -> list[str]:
     return [executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
 
 
+def stop_command(run_id: str) -> list[str]:
+    return [executable("flwr"), "stop", str(run_id), CONNECTION]
+
+
 def register_command(public_key: str, name: str | None = None) -> list[str]:
     """`flwr supernode register`: let the SuperNode with this key join (--supernode-auth)."""
     cmd = [executable("flwr"), "supernode", "register", _existing(public_key), CONNECTION]
@@ -179,7 +184,7 @@ def make_certs(directory: str | Path, hosts: list[str] = (), days: int = 365) ->
 
     d = Path(directory).expanduser()
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject, issuer, key, sign_key, ca, sans=()):
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)

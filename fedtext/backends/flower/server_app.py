@@ -31,10 +31,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedtext import config as C
 from fedtext.backends.flower import messages as M
 from fedtext.backends.flower.backend import FlowerBackend, node_population
+from fedtext.backends.flower.commands import LOG_FILE
 from fedtext.errors import FedtextError
 
 app = ServerApp()
-LOG_FILE = "flower.log"
 
 
 class RunLog:
