@@ -15,10 +15,12 @@ and seeds, and the script checks that they end with the same weights.
 
 Per round: the round's seconds (metrics.jsonl train_seconds; the median over rounds 2..R in
 process, where round 1 also pays one-off imports, and over all rounds over Flower, where every
-round pays them); the nodes' own time in the ClientApp handler (client_update, from their
-logs); the bytes through the SuperLink (`flwr ls` network traffic, whole run / rounds: the
-nodes' Fleet traffic, instructions down and replies up); and the model's bytes as Flower
-counts them (ArrayRecord.count_bytes). Prints a Markdown table and one JSON line.
+round pays them); where a Flower round's time goes, from the ServerApp's log (backend.py
+times each reply; the node reports when its handler started, against the message's creation
+time, and how long it ran); the bytes through the SuperLink (`flwr ls` network traffic,
+whole run / rounds: the nodes' Fleet traffic, instructions down and replies up); and the
+model's bytes as Flower counts them (ArrayRecord.count_bytes). Prints a Markdown table and
+one JSON line.
 """
 
 from __future__ import annotations
@@ -131,8 +133,15 @@ def main() -> None:
                 os.killpg(q.pid, signal.SIGKILL)
     fl_rows = [json.loads(x) for x in (root / "fl" / "metrics.jsonl").read_text().split("\n")
                if x]
-    handler = [float(t) for i in range(len(ids)) for t in re.findall(
-        r"\[fedtext node\] train client \S+ \(([\d.]+) s\)", (logs / f"node{i}.log").read_text())]
+    # The ServerApp's per-exchange breakdown (backend.py logs it for every round).
+    timing = [[[float(x) for x in part.split(" / ")] for part in m] for m in re.findall(
+        r"flower: train: \d+ replies after ([\d. /]+) s; the nodes started them "
+        r"([\d. /]+) s after sending and worked ([\d. /]+) s", (root / "fl" / "flower.log")
+        .read_text())]
+    arrived = [max(t[0]) for t in timing]
+    wait = [x for t in timing for x in t[1]]
+    work = [x for t in timing for x in t[2]]
+    back = [a - w - n for t in timing for a, w, n in zip(*t)]
 
     import torch
 
@@ -147,22 +156,27 @@ def main() -> None:
     fl_s = statistics.median(x["train_seconds"] for x in fl_rows)
     R = args.rounds
     per_round = {"in": traffic["inbound-bytes"] / R, "out": traffic["outbound-bytes"] / R}
+    med = statistics.median
     res = {"clients": ids, "rounds": R, "batches": args.batches, "threads": args.threads,
            "model_bytes": model_bytes, "sim_round_s": [x["train_seconds"] for x in sim_rows],
-           "flower_round_s": [x["train_seconds"] for x in fl_rows],
-           "node_handler_s": handler, "superlink_bytes_per_round": per_round,
-           "sim_wall_s": sim_wall, "flower_wall_s": fl_wall, "same_weights": equal,
-           "load_avg": os.getloadavg()}
-    print(f"| what | in process | over Flower (TLS, loopback) |\n|---|---|---|\n"
-          f"| round, median (s) | {sim_s:.2f} | {fl_s:.2f} |\n"
-          f"| transport overhead per round (s) | | {fl_s - sim_s:+.2f} |\n"
-          f"| clients' own work per round (s) | {sim_s:.2f} (one after the other) | "
-          f"{statistics.median(handler):.2f} per node, in parallel |\n"
-          f"| bytes through the SuperLink per round | 0 | {per_round['out']:,.0f} down + "
+           "flower_round_s": [x["train_seconds"] for x in fl_rows], "flower_timing": timing,
+           "superlink_bytes_per_round": per_round, "sim_wall_s": sim_wall,
+           "flower_wall_s": fl_wall, "same_weights": equal, "load_avg": os.getloadavg()}
+    print(f"| per round | in process | over Flower (TLS, loopback) |\n|---|---|---|\n"
+          f"| round (median), s | {sim_s:.2f} | {fl_s:.2f} |\n"
+          f"| transport overhead, s | | {fl_s - sim_s:+.2f} |\n"
+          f"| server sends -> node's handler starts (delivery, ClientApp process start), s "
+          f"| | {med(wait):.2f} median ({min(wait):.1f}-{max(wait):.1f}) |\n"
+          f"| in the handler (client_update, decoding), s | {sim_s / len(ids):.2f} per client, "
+          f"one after the other | {med(work):.2f} median per node, {len(ids)} at once |\n"
+          f"| handler ends -> reply at the server, s | | {med(back):.2f} median |\n"
+          f"| last reply, after sending, s | | {med(arrived):.2f} median |\n"
+          f"| bytes through the SuperLink | 0 | {per_round['out']:,.0f} down + "
           f"{per_round['in']:,.0f} up |\n"
-          f"| model (ArrayRecord bytes) | {model_bytes:,} | x {len(ids)} down, x {len(ids)} "
-          f"up |\n| whole run, wall (s) | {sim_wall:.1f} | {fl_wall:.1f} (+ start-up of the "
-          f"nodes) |\n| same final weights | | {equal} |")
+          f"| the model as Flower counts it (ArrayRecord) | {model_bytes:,} B | "
+          f"x {len(ids)} down, x {len(ids)} up |\n"
+          f"| whole run ({R} rounds), wall s | {sim_wall:.1f} | {fl_wall:.1f} |\n"
+          f"| same final weights | | {equal} |")
     print(json.dumps(res))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -136,15 +136,23 @@ class FlowerBackend:
                                 group_id=f"{kind}-{self.round}",
                                 ttl=None if timeout is None else timeout + 60))
             where.append((i, cid, node))
-        for k, reply in self._exchange(msgs, timeout):
+        t0, times = time.monotonic(), []  # per reply: (arrived, node's wait, node's work)
+        for done, (k, reply) in enumerate(self._exchange(msgs, timeout), 1):
             i, cid, node = where[k]
             if isinstance(reply, str):
-                yield i, self._failed(cid, node, reply)
+                result = self._failed(cid, node, reply)
             elif reply.has_error():
-                yield i, self._failed(cid, node, f"{reply.error.reason} (Flower error code "
+                result = self._failed(cid, node, f"{reply.error.reason} (Flower error code "
                                       f"{reply.error.code})")
             else:
-                yield i, read(reply.content)
+                times.append((time.monotonic() - t0, *(M.read_timing(reply.content) or
+                                                       (float("nan"),) * 2)))
+                result = read(reply.content)
+            if done == len(msgs) and times:  # before the last yield: the caller may stop
+                a, w, n = (" / ".join(f"{x:.1f}" for x in col) for col in zip(*times))
+                self.log(f"flower: {kind}: {len(times)} replies after {a} s; "
+                         f"the nodes started them {w} s after sending and worked {n} s")
+            yield i, result
 
     def _failed(self, cid: str, node: int | None, reason: str) -> ClientFailure:
         what = f"node {node} (client {cid})" if node is not None else f"client {cid}"

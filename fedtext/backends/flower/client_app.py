@@ -86,6 +86,7 @@ def query(msg: Message, context: Context) -> Message:
 def _run(msg: Message, context: Context, fn, reply) -> Message:
     try:
         t0 = time.perf_counter()
+        waited = time.time() - msg.metadata.created_at  # delivery + this process's start
         source, cid, cache = own_data(context.node_config)
         params, job_json = M.read_instruction(msg.content)
         job = M.job_from_json(job_json, source, cache)
@@ -97,9 +98,11 @@ def _run(msg: Message, context: Context, fn, reply) -> Message:
 
             torch.set_num_threads(int(threads))
         result = fn(params, job["client_data"], job["config"], job["seed"])
-        print(f"[fedtext node] {msg.metadata.message_type} client {cid} "
-              f"({time.perf_counter() - t0:.2f} s)", flush=True)
-        return Message(reply(result), reply_to=msg)
+        took = time.perf_counter() - t0
+        print(f"[fedtext node] {msg.metadata.message_type} client {cid}: {took:.2f} s "
+              f"(started {waited:.1f} s after the server sent it)", flush=True)
+        return Message(reply(result, {"node-seconds": took, "node-wait-seconds": waited}),
+                       reply_to=msg)
     except Exception as e:  # noqa: BLE001
         return _error(msg, e)
 

@@ -6,6 +6,7 @@
                                                                   "num-examples")
                                               evaluate: "metrics" MetricRecord(loss_sum,
                                                                   correct, count, num-examples)
+                                              (+ node-seconds, node-wait-seconds: timing)
     instruction (query)                       reply
     "config"  ConfigRecord({"fedtext": v})    "info"    ConfigRecord(client-id, train-chars,
                                                                      test-chars, fedtext)
@@ -102,10 +103,10 @@ def read_instruction(content: RecordDict) -> tuple[dict, str]:
     return content["arrays"].to_torch_state_dict(), str(content["config"]["job"])
 
 
-def train_reply(result: ClientResult) -> RecordDict:
+def train_reply(result: ClientResult, timing: dict | None = None) -> RecordDict:
     sums = {k: result.metrics[k] for k in METRIC_SUMS}
-    return RecordDict({"arrays": params_record(result.delta),
-                       "metrics": MetricRecord({**sums, "num-examples": sums["num_examples"]})})
+    return RecordDict({"arrays": params_record(result.delta), "metrics": MetricRecord(
+        {**sums, "num-examples": sums["num_examples"], **(timing or {})})})
 
 
 def read_train_reply(content: RecordDict) -> ClientResult:
@@ -116,9 +117,19 @@ def read_train_reply(content: RecordDict) -> ClientResult:
                         metrics)
 
 
-def eval_reply(sums: dict) -> RecordDict:
+def eval_reply(sums: dict, timing: dict | None = None) -> RecordDict:
     return RecordDict({"metrics": MetricRecord({**{k: sums[k] for k in EVAL_SUMS},
-                                                "num-examples": sums["count"]})})
+                                                "num-examples": sums["count"],
+                                                **(timing or {})})})
+
+
+def read_timing(content: RecordDict) -> tuple[float, float] | None:
+    """(seconds from the message's creation to its handler, seconds in the handler), as the
+    node measured them (the first needs the two clocks to agree), or None."""
+    m = content["metrics"] if "metrics" in content else {}
+    if "node-seconds" not in m:
+        return None
+    return float(m["node-wait-seconds"]), float(m["node-seconds"])
 
 
 def read_eval_reply(content: RecordDict) -> dict:
