@@ -162,13 +162,16 @@ def main() -> None:
            "flower_round_s": [x["train_seconds"] for x in fl_rows], "flower_timing": timing,
            "superlink_bytes_per_round": per_round, "sim_wall_s": sim_wall,
            "flower_wall_s": fl_wall, "same_weights": equal, "load_avg": os.getloadavg()}
+    sim_min = min(x["train_seconds"] for x in sim_rows[1:] or sim_rows)
+    fl_min = min(x["train_seconds"] for x in fl_rows)
     print(f"| per round | in process | over Flower (TLS, loopback) |\n|---|---|---|\n"
-          f"| round (median), s | {sim_s:.2f} | {fl_s:.2f} |\n"
-          f"| transport overhead, s | | {fl_s - sim_s:+.2f} |\n"
+          f"| round, median (min), s | {sim_s:.2f} ({sim_min:.2f}) | {fl_s:.2f} ({fl_min:.2f}) "
+          f"|\n| transport overhead, median (min), s | | {fl_s - sim_s:+.2f} "
+          f"({fl_min - sim_min:+.2f}) |\n"
           f"| server sends -> node's handler starts (delivery, ClientApp process start), s "
           f"| | {med(wait):.2f} median ({min(wait):.1f}-{max(wait):.1f}) |\n"
-          f"| in the handler (client_update, decoding), s | {sim_s / len(ids):.2f} per client, "
-          f"one after the other | {med(work):.2f} median per node, {len(ids)} at once |\n"
+          f"| in the handler (decoding, client_update), s | the clients one after the other "
+          f"| {med(work):.2f} median per node, {len(ids)} at once |\n"
           f"| handler ends -> reply at the server, s | | {med(back):.2f} median |\n"
           f"| last reply, after sending, s | | {med(arrived):.2f} median |\n"
           f"| bytes through the SuperLink | 0 | {per_round['out']:,.0f} down + "

@@ -132,8 +132,8 @@ def _exec(cmd: list[str], home: Path, dry_run: bool) -> int:
     if dry_run:
         return 0
     home.mkdir(parents=True, exist_ok=True)
-    os.execve(cmd[0], cmd, K.environment(home))
-    return 0  # pragma: no cover - execve does not return
+    os.execvpe(cmd[0], cmd, K.environment(home))
+    return 0  # pragma: no cover - exec does not return
 
 
 def certs_cmd(args) -> int:
@@ -156,6 +156,9 @@ def keys_cmd(args) -> int:
 
 def superlink_cmd(args) -> int:
     from fedtext.backends.flower import commands as K
+    from fedtext.backends.flower import require_flwr
+
+    require_flwr()
 
     cmd = K.superlink_command(args.host, args.port, args.certs, args.insecure, args.database,
                               args.supernode_auth)
@@ -164,6 +167,9 @@ def superlink_cmd(args) -> int:
 
 def supernode_cmd(args) -> int:
     from fedtext.backends.flower import commands as K
+    from fedtext.backends.flower import require_flwr
+
+    require_flwr()
 
     cmd = K.supernode_command(args.data, args.superlink, args.client_id, args.port, args.ca,
                               args.insecure, args.auth_key, args.cache_dir, args.threads)
@@ -190,6 +196,9 @@ def _check_data(args) -> None:
 
 def register_cmd(args) -> int:
     from fedtext.backends.flower import commands as K
+    from fedtext.backends.flower import require_flwr
+
+    require_flwr()
 
     home = K.flower_home("cli", args.flwr_home)
     K.connection_file(home, args.superlink, args.ca, args.insecure)
@@ -239,6 +248,9 @@ def _stop_dead_run(out: Path, env) -> None:
 
 def run_cmd(args) -> int:
     from fedtext.backends.flower import commands as K
+    from fedtext.backends.flower import require_flwr
+
+    require_flwr()
 
     sources = config_sources(args)
     merge(ExperimentConfig(), *sources)  # a bad flag or file: an error here, not on the server

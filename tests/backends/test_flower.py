@@ -196,6 +196,7 @@ def test_a_silent_node_and_one_whose_data_breaks_are_dropped_and_named(data, tmp
     nodes = {10 + i: {"data-path": str(d), "threads": 1} for i, d in enumerate(data.nodes)}
     grid = LocalGrid(nodes, breaks={12: {"data-path": str(data.bad), "client-id": "CLIENT_2"}})
     lines = []
+    (tmp_path / "a").mkdir()  # an empty run directory made beforehand is fine
     rows = serve(grid, tmp_path / "a", lines.append, **{
         "on-client-error": "drop", "min-clients": "2", "rounds": "1", "eval-every": "0"})
     assert rows[-1]["clients"] == 2

@@ -171,12 +171,22 @@ def register_command(public_key: str, name: str | None = None) -> list[str]:
 # ----------------------------------------------------------------------------- key material
 
 
+def _cryptography():
+    try:
+        import cryptography
+    except ImportError:
+        raise FedtextError("certificates and keys need the 'cryptography' package (installed "
+                           "with Flower): pip install 'fedtext[flower]'") from None
+    return cryptography
+
+
 def make_certs(directory: str | Path, hosts: list[str] = (), days: int = 365) -> list[Path]:
     """A CA (ca.crt, ca.key) and the SuperLink's certificate (server.pem, server.key) signed
     by it, valid for localhost, 127.0.0.1, ::1 and `hosts` (names or IP addresses)."""
     import datetime
     import ipaddress
 
+    _cryptography()
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -227,6 +237,7 @@ def make_certs(directory: str | Path, hosts: list[str] = (), days: int = 365) ->
 def make_keys(directory: str | Path, names: list[str]) -> list[Path]:
     """An EC (SECP384R1) key pair per name, OpenSSH format (`ssh-keygen -t ecdsa -b 384`):
     NAME (private, for flower-supernode) and NAME.pub (for `flwr supernode register`)."""
+    _cryptography()
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 

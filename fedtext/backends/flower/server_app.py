@@ -38,17 +38,20 @@ app = ServerApp()
 
 
 class RunLog:
-    """Log lines to stdout (`flwr log`, `flwr run --stream`) and to out/flower.log as soon as
-    the run directory exists (lines before that are kept and written then)."""
+    """Log lines to stdout (`flwr log`, `flwr run --stream`) and to out/flower.log once `out`
+    holds the run (its state.pt: a new run's directory must be empty until train() has
+    checked it); lines before that are kept and written then."""
 
     def __init__(self, out: Path):
         self.out, self.waiting = out, []
 
     def __call__(self, line: str) -> None:
+        from fedtext.run.recorder import STATE_FILE
+
         line = f"{time.strftime('%H:%M:%S')} {line}"
         print(line, flush=True)
         self.waiting.append(line)
-        if self.out.is_dir():
+        if (self.out / STATE_FILE).exists():
             with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write("".join(w + "\n" for w in self.waiting))
             self.waiting = []
