@@ -154,9 +154,9 @@ class LocalGrid:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-def serve(grid, out, log, **flags):
+def serve(grid, out, log, rc=None, **flags):
     rc = {"sources": json.dumps([[FLAGS, {**TINY, **flags}]]), "out": str(out),
-          "resume": False, "min-nodes": 0, "wait-nodes": 1.0, "command": "test"}
+          "resume": False, "min-nodes": 0, "wait-nodes": 1.0, "command": "test", **(rc or {})}
     file_log = server_app.RunLog(out)  # stdout and out/flower.log, as in the ServerApp
 
     def both(line):
@@ -216,6 +216,17 @@ def test_a_silent_node_and_one_whose_data_breaks_are_dropped_and_named(data, tmp
                              "config": ClientConfig(model=MC)}, timeout=0.5)
     assert time.monotonic() - t0 < 5 and isinstance(r, ClientFailure)
     assert "node 11 (client CLIENT_1): no reply within 0.5 s" in r.reason
+
+
+def test_by_hand_the_run_config_may_name_a_config_file(data, tmp_path, server_identity):
+    """`flwr run ... --run-config "config='/abs/exp.toml' out='/abs/run'"`, no sources."""
+    exp = tmp_path / "exp.toml"
+    exp.write_text('[run]\nrounds = 1\n[model]\ninit = "scratch"\nembed_dim = 8\n'
+                   'hidden_size = 16\n[sampling]\nclients_per_round = 2\n[eval]\nevery = 0\n')
+    nodes = {10 + i: {"data-path": str(d)} for i, d in enumerate(data.nodes)}
+    rows = serve(LocalGrid(nodes), tmp_path / "run", lambda s: None,
+                 rc={"config": str(exp), "sources": "[]"})
+    assert [(r["round"], r["clients"]) for r in rows] == [(1, 2)]
 
 
 def test_the_backend_runs_only_what_a_node_can(data, server_identity):

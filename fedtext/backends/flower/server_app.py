@@ -4,8 +4,9 @@
 
 Run config (the keys of fedtext-app/pyproject.toml; `fedtext flower run` fills them):
 
-    sources     JSON list of [where, settings]: the experiment config as `fedtext train`
-                merges it (a --config TOML file's tables, then the flags)
+    config      a fedtext config TOML file on this machine (optional; for `flwr run` by hand)
+    sources     JSON list of [where, settings] on top of it: the experiment config as
+                `fedtext train` merges it (a --config file's tables, then the flags)
     out         the run directory, on this (the ServerApp's) machine: metrics.jsonl,
                 state.pt (a checkpoint every round), final/, flower.log
     resume      continue the run in `out` from its last checkpoint
@@ -89,6 +90,8 @@ def run(grid: Grid, rc, out: Path, log) -> None:
                            f"{out}")
     resume = bool(rc["resume"])
     sources = [(str(w), s) for w, s in json.loads(str(rc["sources"]))]
+    if str(rc.get("config", "")):
+        sources.insert(0, (str(rc["config"]), C.load_toml(str(rc["config"]))))
     sources.append(("flower", {"data": {"source": M.NODE_SOURCE}}))  # the nodes' own data
     cfg = effective_config(sources, out, resume)
     min_nodes = int(rc["min-nodes"]) or len(cfg.sampling.clients) or \
