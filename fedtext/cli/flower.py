@@ -74,9 +74,10 @@ def register(sub) -> None:
     _common(c, None)
     c.set_defaults(func=supernode_cmd)
 
-    c = cmds.add_parser("register", help="register a SuperNode's public key (--supernode-auth)")
-    c.add_argument("public_key", help="NAME.pub from `fedtext flower keys`")
-    c.add_argument("--name", help="a name for the node in `flwr supernode list`")
+    c = cmds.add_parser("register", help="register SuperNodes' public keys (--supernode-auth)")
+    c.add_argument("public_keys", nargs="+", metavar="NAME.pub", help="public keys from "
+                   "`fedtext flower keys`; each node is listed under its NAME in `flwr "
+                   "supernode list`")
     c.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT")
     _security(c, server=False)
     _common(c, "cli")
@@ -202,11 +203,12 @@ def register_cmd(args) -> int:
 
     home = K.flower_home("cli", args.flwr_home)
     K.connection_file(home, args.superlink, args.ca, args.insecure)
-    cmd = K.register_command(args.public_key, args.name)
-    _show(cmd, home)
-    if args.dry_run:
-        return 0
-    return subprocess.run(cmd, env=K.environment(home)).returncode
+    for key in args.public_keys:
+        cmd = K.register_command(key, Path(key).stem)
+        _show(cmd, home)
+        if not args.dry_run and subprocess.run(cmd, env=K.environment(home)).returncode:
+            raise FedtextError(f"could not register {key} (see above)")
+    return 0
 
 
 def _run_status(run_id: str, env) -> dict:

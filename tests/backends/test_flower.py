@@ -341,11 +341,11 @@ class Federation:
                                  self.superlink, "--ca", str(self.certs / "ca.crt"),
                                  "--port", str(free_port()), "--threads", "1", *extra])
 
-    def cli_async(self, *argv: str, home: str = "cli") -> subprocess.Popen:
+    def cli_async(self, *argv: str) -> subprocess.Popen:
         """A `fedtext flower` command that talks to the SuperLink (run, register)."""
         return subprocess.Popen([str(BIN / "fedtext"), "flower", *argv, "--superlink",
                                  self.superlink, "--ca", str(self.certs / "ca.crt"),
-                                 "--flwr-home", str(self.root / "home" / home)],
+                                 "--flwr-home", str(self.root / "home" / "cli")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def cli(self, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -485,11 +485,8 @@ def test_with_supernode_auth_a_killed_server_app_resumes_exactly(data, tmp_path,
     fed = federation(auth=True)
     keys = tmp_path / "keys"
     commands.make_keys(keys, ["n0", "n1", "n2", "stranger"])
-    registering = [fed.cli_async("register", str(keys / f"n{i}.pub"), home=f"cli{i}")
-                   for i in range(3)]
-    for p in registering:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+    r = fed.cli("register", *(str(keys / f"n{i}.pub") for i in range(3)), timeout=120)
+    assert r.returncode == 0, r.stdout
     for i, d in enumerate(data.nodes):
         fed.node(f"node{i}", d, "--auth-key", str(keys / f"n{i}"))
     stranger = fed.node("stranger", data.nodes[0], "--auth-key", str(keys / "stranger"))

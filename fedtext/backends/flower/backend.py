@@ -33,7 +33,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 
 from fedtext.backends.base import ClientFailure
 from fedtext.backends.flower import messages as M
@@ -82,9 +82,8 @@ class FlowerBackend:
         new = sorted(n for n in online if n not in self.info)
         if not new:
             return
-        msgs = [Message(RecordDict({"config": ConfigRecord({"want": "info"})}),
-                        dst_node_id=n, message_type="query", ttl=QUERY_TIMEOUT + 60)
-                for n in new]
+        msgs = [Message(M.query_instruction(), dst_node_id=n, message_type="query",
+                        ttl=QUERY_TIMEOUT + 60) for n in new]
         for k, reply in self._exchange(msgs, QUERY_TIMEOUT):
             node = new[k]
             reason = reply if isinstance(reply, str) else \

@@ -137,6 +137,12 @@ def read_eval_reply(content: RecordDict) -> dict:
     return {k: m[k] for k in EVAL_SUMS}
 
 
+def query_instruction() -> RecordDict:
+    from fedtext import __version__
+
+    return RecordDict({"config": ConfigRecord({"fedtext": __version__})})
+
+
 def info_reply(info: dict) -> RecordDict:
     return RecordDict({"info": ConfigRecord(info)})
 
