@@ -105,7 +105,12 @@ def main() -> None:
 
     try:
         start("superlink", ["superlink", "--certs", str(root / "certs"), "--port", str(port)])
-        time.sleep(2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until its HTTPS port is up
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
         for i, cid in enumerate(ids):
             start(f"node{i}", ["supernode", "--data", "shakespeare", "--client-id", cid,
                                "--superlink", f"127.0.0.1:{port}", "--ca",
