@@ -118,7 +118,8 @@ def _security(p, server: bool) -> None:
 def _common(p, role: str | None) -> None:
     p.add_argument("--flwr-home", help="FLWR_HOME of the Flower process (default "
                    f"$FEDTEXT_CACHE/flower/{role or 'supernode-PORT'})")
-    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--dry-run", action="store_true", help="print the command (and write the "
+                   "files it reads), do not run it")
 
 
 def _show(cmd: list[str], home: Path) -> None:
