@@ -16,7 +16,7 @@ from fedtext.errors import FedtextError
 # Modules under fedtext/cli that provide register(subparsers), in --help order.
 COMMAND_MODULES = ["data", "train", "tutorial", "pretrain", "evaluate", "generate", "plot",
                    "privacy",
-                   "keras", "info", "benchmark", "report"]
+                   "keras", "info", "benchmark", "report", "flower"]
 
 
 class _Parser(argparse.ArgumentParser):
