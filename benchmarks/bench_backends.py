@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_backends.py                    # the table of BENCHMARKS.md
     .venv/bin/python benchmarks/bench_backends.py --models 256 --clients 10 --reps 1
+    .venv/bin/python benchmarks/bench_backends.py --models 256 --impl torch  # another path
 
 For each model (GRU 1024, the tutorial's; GRU 256, where thread scaling is worst) and cohort
 (10 and 30 federated Shakespeare clients, up to 5 batches of 8 x 100 each, padded), one
@@ -16,8 +17,11 @@ or from the clients with 5 full batches (`--cohort large`: the tutorial's worklo
 A configuration runs a warm-up round, then --reps timed rounds of fed_avg (client work,
 streaming aggregation, server step) and reports the median round time and the peak RSS of
 the whole process tree (main + workers + Ray's own processes, from /proc VmHWM/VmRSS).
-Then the per-client overhead of each backend: the round time of 40 jobs that do nothing but
-receive the round's params and return a delta of the same size, per job, in ms.
+`--impl` picks the recurrence path of every backend alike (default auto: the C kernel, whose
+time loops split over threads well; `torch`, the pure-PyTorch fallback, and `nn` scale worse,
+which is where worker processes pay most). Then the per-client overhead of each backend: the
+round time of 40 jobs that do nothing but receive the round's params and return a delta of
+the same size, per job, in ms.
 """
 
 from __future__ import annotations
@@ -68,8 +72,8 @@ def noop_update(global_params, client_data, config, seed):
     return ClientResult(delta, 1.0, metrics)
 
 
-def one_config(backend_name: str, hidden: int, clients: int, reps: int, cohort_kind: str
-               ) -> dict:
+def one_config(backend_name: str, hidden: int, clients: int, reps: int, cohort_kind: str,
+               impl: str = "auto") -> dict:
     import numpy as np
     import torch
 
@@ -78,7 +82,7 @@ def one_config(backend_name: str, hidden: int, clients: int, reps: int, cohort_k
     from fedtext.data.tasks import ClientData, DataConfig
     from fedtext.fl.algorithm import fed_avg
     from fedtext.fl.client import ClientConfig
-    from fedtext.model.char_rnn import CharRNN, ModelConfig
+    from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig
 
     if backend_name == "sequential":
         torch.set_num_threads(2)
@@ -103,7 +107,8 @@ def one_config(backend_name: str, hidden: int, clients: int, reps: int, cohort_k
     torch.manual_seed(0)
     params = {k: v.detach() for k, v in CharRNN(mc).state_dict().items()}
     data_cfg = DataConfig(shuffle=False)
-    algorithm = fed_avg(ClientConfig(model=mc, max_batches=5), backend=backend)
+    algorithm = fed_avg(ClientConfig(model=mc, max_batches=5, compute=Compute(impl=impl)),
+                        backend=backend)
     state = algorithm.init(params)
 
     def cohort():
@@ -126,6 +131,7 @@ def one_config(backend_name: str, hidden: int, clients: int, reps: int, cohort_k
     peak = tree_peak_mib(os.getpid())
     backend.close()
     return {"backend": backend_name, "hidden": hidden, "clients": clients, "cohort": cohort_kind,
+            "impl": impl,
             "round_s": statistics.median(times), "peak_mib": peak,
             "overhead_ms_per_client": overhead_ms,
             "params_mib": sum(v.numel() * 4 for v in params.values()) / 2**20}
@@ -139,11 +145,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed rounds per config (default 2)")
     ap.add_argument("--cohort", default="uniform,large", help="uniform (as `fedtext train` "
                     "samples) and/or large (5 full batches each); default both")
+    ap.add_argument("--impl", default="auto", help="recurrence path (default auto: the C kernel "
+                    "where it runs; torch or nn to see a path whose threads scale worse)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = ap.parse_args()
     if args.one:
         b, h, k, c = args.one.split(",")
-        print(json.dumps(one_config(b, int(h), int(k), args.reps, c)))
+        print(json.dumps(one_config(b, int(h), int(k), args.reps, c, args.impl)))
         return
     rows = []
     for c in args.cohort.split(","):
@@ -151,7 +159,8 @@ def main() -> None:
             for k in map(int, args.clients.split(",")):
                 for b in args.backends.split(","):
                     out = subprocess.run([sys.executable, __file__, "--one", f"{b},{h},{k},{c}",
-                                          "--reps", str(args.reps)], capture_output=True,
+                                          "--reps", str(args.reps), "--impl", args.impl],
+                                         capture_output=True,
                                          text=True)
                     if out.returncode != 0:
                         print(out.stderr[-2000:], file=sys.stderr)
@@ -159,6 +168,7 @@ def main() -> None:
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     rows.append(r)
                     print(json.dumps(r), flush=True)
+    print(f"\nrecurrence path: {args.impl}")
     print("\n| cohort | model | clients | backend | round s | vs sequential | peak MiB (all "
           "processes) | overhead ms/client |")
     print("|---|---|---|---|---|---|---|---|")

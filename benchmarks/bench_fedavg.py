@@ -7,13 +7,15 @@ For each workload (K clients x B batches of 8 x 100, K in --clients), in one pro
 
   plain   one CharRNN and one SGD(lr 0.5) train the K * B batches in a plain Python loop
           (forward, masked loss, backward, step): the cost of the arithmetic alone;
+  nn      the same plain loop with torch's own nn.GRU kernel (`impl = "nn"`): what a
+          user's hand-written PyTorch loop costs;
   round   one round of `fedtext train`'s loop on the same batches: run.experiment.run_rounds
           with fl.algorithm.fed_avg (broadcast, client_update per client with its batches
           built from the client's char ids in a packed store, aggregation, server step), the
           metrics row (metrics.jsonl + TensorBoard) and the atomic state checkpoint.
           Evaluation is off (it is not part of a round's training cost).
 
-The two alternate --reps times after a warm-up of each, and the medians are compared. The
+The three alternate --reps times after a warm-up of each, and the medians are compared. The
 target is ratio <= 1.05. Run it on a quiet machine: other processes on the same cores make
 both numbers noisy (and more than one torch thread per free core makes them slow).
 """
@@ -38,7 +40,7 @@ from fedtext.fl import aggregators, server_optimizers
 from fedtext.fl.algorithm import fed_avg
 from fedtext.fl.client import ClientConfig
 from fedtext.fl.sampling import FixedSampler
-from fedtext.model.char_rnn import CharRNN, ModelConfig, token_stats
+from fedtext.model.char_rnn import CharRNN, Compute, ModelConfig, token_stats
 from fedtext.run.experiment import run_rounds
 from fedtext.run.recorder import RunRecorder
 
@@ -98,16 +100,21 @@ def bench(k: int, args, model_config: ModelConfig, out: Path) -> dict:
                            on_round=recorder, progress=False, log=lambda s: None)
         return time.perf_counter() - t0
 
+    nn_model = CharRNN(model_config, compute=Compute(impl="nn"))
+    nn_model.load_state_dict(model.state_dict())
     plain_loop(model, all_batches[:2], 0.5)  # warm-up: allocator, GRU kernel, autograd
+    plain_loop(nn_model, all_batches[:2], 0.5)
     one_round()
-    plain, rounds = [], []
+    plain, nn_plain, rounds = [], [], []
     for _ in range(args.reps):
         plain.append(plain_loop(model, all_batches, 0.5))
+        nn_plain.append(plain_loop(nn_model, all_batches, 0.5))
         rounds.append(one_round())
     recorder.close()
-    p, r = statistics.median(plain), statistics.median(rounds)
-    return {"clients": k, "steps": len(all_batches), "plain_s": p, "round_s": r,
-            "ratio": r / p, "chars_per_s": len(all_batches) * args.batch_size * args.seq_len / r}
+    p, q, r = statistics.median(plain), statistics.median(nn_plain), statistics.median(rounds)
+    return {"clients": k, "steps": len(all_batches), "plain_s": p, "nn_s": q, "round_s": r,
+            "ratio": r / p, "vs_nn": q / r,
+            "chars_per_s": len(all_batches) * args.batch_size * args.seq_len / r}
 
 
 def main() -> None:
@@ -130,12 +137,13 @@ def main() -> None:
           f"params; {args.batches} batches of {args.batch_size}x{args.seq_len} per client; "
           f"{torch.get_num_threads()} torch threads; median of {args.reps}")
     print(f"{'clients':>7s} {'steps':>5s} {'plain s':>8s} {'round s':>8s} {'ratio':>6s} "
-          f"{'chars/s':>8s}")
+          f"{'chars/s':>8s} {'nn.GRU s':>9s} {'round vs nn.GRU':>16s}")
     with tempfile.TemporaryDirectory(prefix="bench_fedavg.") as tmp:
         for i, k in enumerate(int(c) for c in args.clients.split(",")):
             r = bench(k, args, mc, Path(tmp) / str(i))
             print(f"{r['clients']:7d} {r['steps']:5d} {r['plain_s']:8.3f} {r['round_s']:8.3f} "
-                  f"{r['ratio']:6.3f} {r['chars_per_s']:8,.0f}", flush=True)
+                  f"{r['ratio']:6.3f} {r['chars_per_s']:8,.0f} {r['nn_s']:9.3f} "
+                  f"{r['vs_nn']:15.2f}x", flush=True)
 
 
 if __name__ == "__main__":
