@@ -87,9 +87,9 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling: str,
     if noise_multiplier == 0:
         return math.inf
     acc = make_accountant(sampling, accountant)
-    acc.compose(dpa.SelfComposedDpEvent(round_event(noise_multiplier, sampling, population,
-                                                    cohort), rounds))
-    with _quiet():
+    with _quiet():  # the RDP accountant computes its orders in compose, the warnings with them
+        acc.compose(dpa.SelfComposedDpEvent(round_event(noise_multiplier, sampling,
+                                                        population, cohort), rounds))
         return float(acc.get_epsilon(delta))
 
 

@@ -1,6 +1,7 @@
 """DP-FedAvg: TFF's gaussian_fixed round reproduced, the plain mean as a limit, adaptive
 clipping by hand, the noise's size, accounting equal to dp-accounting, exact resume."""
 
+import logging
 import math
 
 import dp_accounting as dpa
@@ -140,6 +141,16 @@ def test_epsilon_equals_dp_accounting_for_fixed_size_sampling():
     assert got > accounting.epsilon(z, rounds, delta, "poisson", N, K)
     with pytest.raises(FedtextError, match="Poisson sampling only"):
         accounting.epsilon(z, rounds, delta, "uniform", N, K, "pld")
+
+
+def test_accounting_keeps_dp_accountings_convergence_warnings_out_of_the_log(caplog):
+    """At a small noise multiplier some Renyi orders do not converge: dp-accounting logs each
+    (through absl) and drops it from the minimum. Expected, and noise in a training log."""
+    accounting.epsilon.cache_clear()
+    with caplog.at_level(logging.DEBUG):
+        eps = accounting.epsilon(0.465564, 1, 1e-5, "poisson", 1154, 20)
+    assert math.isfinite(eps) and eps > 0
+    assert not [r for r in caplog.records if r.name == "absl"], caplog.text
 
 
 def test_calibration_hits_the_target():
