@@ -10,9 +10,11 @@ the tutorial's fixed sample of 96 held-out test clients (~97k characters).
 
 Attacks (fedtext/fl/attacks.py; attackers drawn per round by the seed): none, 20% sign-flip,
 20% scale x10, 10% NaN, 20% gaussian (noise of 10x the norm of a median honest update: S =
-10 C / sqrt(parameters) per coordinate). Aggregators: mean, median, trimmed mean (beta 0.2),
-Krum (f = 2), norm bound (C = the median honest update norm of a clean first round),
-geometric median.
+10 C / sqrt(parameters) per coordinate), and 20% sign-flip x10 (scale:-10: in expectation
+the plain mean is then 0.8 - 0.2 x 10 = -1.2 times the honest mean, a step backwards). A
+fraction means each sampled client is an attacker with that probability. Aggregators: mean,
+median, trimmed mean (beta 0.2), Krum (f = 2), norm bound (C = the median honest update norm
+of a clean first round), geometric median.
 
 Compression: float32, 8, 4 and 2 bits (stochastic quantization with a random Hadamard
 rotation), with the mean and no attack: held-out accuracy and the bytes uploaded per round.
@@ -30,7 +32,8 @@ from pathlib import Path
 ATTACKS = [("none", {}), ("sign-flip 20%", {"attack": "sign-flip", "attackers": "0.2"}),
            ("scale x10 20%", {"attack": "scale:10", "attackers": "0.2"}),
            ("NaN 10%", {"attack": "nan", "attackers": "0.1"}),
-           ("gaussian 20%", {"attack": "gaussian:{S}", "attackers": "0.2"})]
+           ("gaussian 20%", {"attack": "gaussian:{S}", "attackers": "0.2"}),
+           ("sign-flip x10 20%", {"attack": "scale:-10", "attackers": "0.2"})]
 AGGREGATORS = [("mean", {"aggregator": "mean"}), ("median", {"aggregator": "median"}),
                ("trimmed mean", {"aggregator": "trimmed-mean", "trim-fraction": "0.2"}),
                ("Krum", {"aggregator": "krum", "krum-f": "2"}),
