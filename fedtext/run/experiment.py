@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from tqdm.auto import tqdm
 
 from fedtext.errors import FedtextError
+from fedtext.fl import params as P
 from fedtext.fl.algorithm import FederatedAlgorithm, ServerState
 
 
@@ -138,7 +138,7 @@ def _rounds(algorithm, state, sampler, client_data, rounds, stop, evaluate, eval
 
 def _check_finite(state: ServerState, metrics: dict, round: int) -> None:
     loss = metrics["train_loss"]
-    bad = [k for k, v in state.params.items() if not bool(torch.isfinite(v).all())]
+    bad = P.nonfinite(state.params)
     if bad or (isinstance(loss, float) and not math.isfinite(loss) and metrics["chars"]):
         what = f"the training loss became {loss}" if not math.isfinite(loss) else \
             f"the weights became non-finite ({bad[0]})"

@@ -71,3 +71,17 @@ def test_assert_same_structure():
         P.assert_same_structure(a, {"w": a["w"]})
     with pytest.raises(ValueError, match="shape"):
         P.assert_same_structure(a, {"w": torch.zeros(2), "b": a["b"]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_names_each_tensor_with_a_nan_or_an_inf(dtype, bad):
+    p = {"a": torch.zeros(3, 4, dtype=dtype), "b": torch.ones(1000, dtype=dtype),
+         "empty": torch.zeros(0, dtype=dtype), "steps": torch.tensor([3, 4])}
+    assert P.nonfinite(p) == []
+    p["b"][517] = bad
+    assert P.nonfinite(p) == ["b"]
+    p["a"][2, 1] = bad
+    assert P.nonfinite(p) == ["a", "b"]
+    big = {"w": torch.full((10,), torch.finfo(dtype).max, dtype=dtype)}  # finite, however big
+    assert P.nonfinite(big) == []
