@@ -5,6 +5,7 @@
 #   benchmarks/run_reddi2021.sh start     # two lanes in the background (nohup), 1 thread each
 #   benchmarks/run_reddi2021.sh status    # each run's last round, its ETA, the lanes' pids
 #   benchmarks/run_reddi2021.sh collect   # copy finished runs' small files into the repo
+#   REDDI_ONLY=avgm REDDI_LANES=1 benchmarks/run_reddi2021.sh start   # one method, one lane
 #
 # Where: $REDDI_RUNS (default /work/reddi-runs), outside the repository:
 #   code-<commit>/          the committed code the runs execute (git archive: editing the
@@ -28,7 +29,8 @@ set -euo pipefail
 
 ROOT=${REDDI_RUNS:-/work/reddi-runs}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-QUEUE=(avg adam adagrad yogi avgm)
+# REDDI_ONLY="avgm" runs (or collects) just those methods.
+read -r -a QUEUE <<< "${REDDI_ONLY:-avg adam adagrad yogi avgm}"
 LANES=${REDDI_LANES:-2}
 
 setup() {
