@@ -31,6 +31,11 @@ ROOT=${REDDI_RUNS:-/work/reddi-runs}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # REDDI_ONLY="avgm" runs (or collects) just those methods.
 read -r -a QUEUE <<< "${REDDI_ONLY:-avg adam adagrad yogi avgm}"
+for opt in "${QUEUE[@]}"; do
+    case "$opt" in avg|adam|adagrad|yogi|avgm) ;;
+    *) echo "REDDI_ONLY: unknown method '$opt' (avg adam adagrad yogi avgm)" >&2; exit 2 ;;
+    esac
+done
 LANES=${REDDI_LANES:-2}
 
 setup() {
