@@ -3,10 +3,14 @@
 Tolerances. float32 rounding grows over a client's steps, and fedtext's one-by-one paths
 already disagree among themselves by more than 1e-5 after 6 local steps (the C kernel vs the
 "reference" recurrence: up to 4e-5 of a delta tensor's norm, 2e-4 of its largest entry). The
-grouped model computes the reference equations, so the float32 checks are: batched within 1e-5
-(of each delta tensor's norm) of client_update(impl="reference") (bitwise equal on this CPU
-when no batch needs padding); and batched no further from the default client_update (the
-kernel) than the reference path is (+ 1e-5). float64: near-exact vs the default path, 1e-10.
+grouped model computes the reference equations, so the float32 checks are: batched within 2e-5
+(of each delta tensor's norm) and 1e-4 (of its largest entry) of client_update(impl="reference")
+(often bitwise equal when no batch needs padding); and batched no further from the default
+client_update (the kernel) than a client's reference path is from it (x 1.5, + 2e-5 / 1e-4).
+The bounds are per client, not per tensor: one tensor can come out bitwise equal on two paths
+by chance (seen on an AVX2 EPYC), which says nothing about the rounding of the others.
+float64, the check that would catch a wrong step or a mishandled padded row: near-exact vs the
+default path, 1e-10.
 """
 
 import math
@@ -124,16 +128,16 @@ def assert_float32_close(gp, cfg, clients, seeds, got):
         assert b.delta.keys() == d.delta.keys()
         assert all(v.dtype == gp[k].dtype and v.device == gp[k].device
                    for k, v in b.delta.items())
-        # The same equations as the reference path: 1e-5 of each delta tensor's norm (seen:
-        # <= 4.2e-6; max entry error <= 1.6e-5 of the largest entry).
-        assert max(l2_err(r.delta, b.delta).values()) <= 1e-5
-        assert max(rel_err(r.delta, b.delta).values()) <= 5e-5
-        # vs the default path: no further than the reference path is from it (seen: equal to
-        # 2 digits; the kernel vs the reference: up to 4e-5 of the norm after 6 Adagrad steps).
-        for err, own in ((l2_err(d.delta, b.delta), l2_err(d.delta, r.delta)),
-                         (rel_err(d.delta, b.delta), rel_err(d.delta, r.delta))):
-            for k in err:
-                assert err[k] <= 1e-5 + 1.5 * own[k], (k, err[k], own[k])
+        # The same equations as the reference path (seen, Zen 4 / Zen 3: norm <= 4.2e-6 /
+        # 9.3e-6, largest entry <= 1.6e-5 / 5.3e-5).
+        assert max(l2_err(r.delta, b.delta).values()) <= 2e-5
+        assert max(rel_err(r.delta, b.delta).values()) <= 1e-4
+        # vs the default path: no further than the reference path is from it (seen: the kernel
+        # vs the reference up to 1.3e-5 of the norm, 5.9e-5 of the largest entry, Zen 3).
+        for err, own, floor in ((l2_err(d.delta, b.delta), l2_err(d.delta, r.delta), 2e-5),
+                                (rel_err(d.delta, b.delta), rel_err(d.delta, r.delta), 1e-4)):
+            worst, own_worst = max(err.values()), max(own.values())
+            assert worst <= floor + 1.5 * own_worst, (worst, own_worst)
         assert_metrics(d, b, rel=1e-6)
 
 
