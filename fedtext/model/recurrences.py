@@ -286,7 +286,8 @@ class _LSTM(torch.autograd.Function):
 
 class Path(NamedTuple):
     """Which implementation runs: impl ("nn", "kernel", "torch" or "reference"), the loaded
-    kernel (impl "kernel" only) and, where "auto"/"kernel" fell back to "torch", why."""
+    kernel (impl "kernel" only) and, where "auto"/"kernel" fell back to "torch" (or, for an
+    fp32 LSTM under "auto", to "nn"), why."""
 
     impl: str
     kernel: object = None  # fedtext.model.kernel.Kernel
@@ -331,8 +332,12 @@ def resolve(device, cell: str = "gru", reset_after: bool = True, precision: str 
     except kmod.KernelUnavailable as e:
         if precision == "bf16" and not kmod.bf16_native():
             raise FedtextError(_no_bf16(f"this CPU ({kmod.cpu_model()}) has none")) from None
-        _notify_fallback(str(e))
-        return Path("torch", fallback=str(e))
+        # Without the kernel, the fastest PyTorch path: torch's own LSTM (4-5x the custom
+        # Function on the CPUs of BENCHMARKS.md); for the GRU the custom Function (2-3x nn.GRU).
+        fast = "nn" if cell == "lstm" and exact_nn and impl == "auto" else "torch"
+        _notify_fallback(str(e), "torch's nn.LSTM" if fast == "nn" else
+                         "the pure-PyTorch recurrence")
+        return Path(fast, fallback=str(e))
     if precision == "bf16" and not k.bf16:
         why = (f"this CPU ({kmod.cpu_model()}) has none" if not kmod.bf16_native()
                else f"the {k.variant} kernel has none (avx512 and neon do, on CPUs with "
@@ -385,8 +390,9 @@ def lstm_recurrence(xp, h0, c0, w_hh, precision: str = "fp32", impl: str = "auto
 
         return LSTMKernelFunction.apply(xp, h0, c0, w_hh, precision == "bf16", path.kernel,
                                         torch.is_grad_enabled())
-    if path.impl == "nn":
+    if impl == "nn":
         raise ValueError("impl 'nn' runs whole layers: call it through char_rnn.LSTM")
+    # (also "auto" without the kernel: nn.LSTM runs whole layers, not a recurrence alone)
     return _LSTM.apply(xp, h0, c0, w_hh, precision)
 
 
@@ -413,6 +419,5 @@ def describe_compute(model_config, compute, device="cpu") -> dict:
 
 
 @functools.cache  # one notice per process and reason, not one per batch
-def _notify_fallback(reason: str) -> None:
-    print(f"fedtext: fast RNN kernel unavailable ({reason}); using the pure-PyTorch "
-          "recurrence", file=sys.stderr)
+def _notify_fallback(reason: str, instead: str) -> None:
+    print(f"fedtext: fast RNN kernel unavailable ({reason}); using {instead}", file=sys.stderr)

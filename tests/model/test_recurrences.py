@@ -337,20 +337,26 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_fallback_with_notice_when_kernel_disabled(tmp_path):
-    """FEDTEXT_NO_KERNEL=1: fedtext says so in one line, and trains on the PyTorch path."""
+    """FEDTEXT_NO_KERNEL=1: fedtext says so in one line per path, and trains on the fastest
+    PyTorch path: the custom Function for the GRU, torch's own nn.LSTM for the LSTM."""
     code = (
         "import torch\n"
         "from fedtext.model import recurrences\n"
         "from fedtext.model.char_rnn import CharRNN, ModelConfig\n"
-        "for cell in ('gru', 'lstm'):\n"
-        "    assert recurrences.resolve_impl('cpu', cell) == 'torch'\n"
+        "for cell, impl in (('gru', 'torch'), ('lstm', 'nn'), ('gru', 'torch')):\n"
+        "    assert recurrences.resolve_impl('cpu', cell) == impl\n"
         "    m = CharRNN(ModelConfig(vocab_size=11, embed_dim=4, hidden_size=8, cell=cell))\n"
         "    m(torch.randint(0, 11, (2, 3)), torch.randint(0, 11, (2, 3)))[1].backward()\n"
+        "x = torch.randn(3, 2, 32)\n"  # the functional recurrence still runs, on the Function
+        "h, c = recurrences.lstm_recurrence(x, torch.zeros(2, 8), torch.zeros(2, 8),\n"
+        "                                   torch.randn(32, 8))\n"
+        "assert h.shape == (3, 2, 8)\n"
     )
     res = _run(code, FEDTEXT_NO_KERNEL="1", FEDTEXT_CACHE=str(tmp_path))
     assert res.returncode == 0, res.stderr
     notices = [line for line in res.stderr.splitlines() if "kernel unavailable" in line]
-    assert len(notices) == 1 and "FEDTEXT_NO_KERNEL" in notices[0]
+    assert len(notices) == 2 and all("FEDTEXT_NO_KERNEL" in n for n in notices)
+    assert "pure-PyTorch" in notices[0] and "nn.LSTM" in notices[1]
 
 
 def test_missing_compiler_falls_back(tmp_path):
